@@ -1,0 +1,303 @@
+"""The toy regression data: the seed notebook's four points, or a synthetic set of any size.
+
+``ToyRegressionData`` is a LightningDataModule; LightningCLI exposes its constructor as ``--data.*`` flags
+(``--data.batch_size 8``, ``--data.n_samples 1000 --data.noise 1``). Targets are the sum of the features, as in
+the notebook (y = x1 + x2), plus optional Gaussian label noise.
+
+The batch size lives in one place, ``hparams.batch_size``, exposed as the ``batch_size`` property and read each
+time a dataloader is built, which is what Lightning's batch-size finder writes to.
+
+Batches are sliced from in-memory tensors by ``TensorBatches`` rather than assembled sample by sample through a
+``Dataset`` and ``collate_fn``; on a GPU the tensors move to the device once, in ``setup``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from typing import Optional
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from batchlab.errors import ConfigError, check
+
+NOTEBOOK_X = [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]]
+NOTEBOOK_Y = [[3.0], [7.0], [11.0], [15.0]]
+
+
+def make_synthetic(
+    n_samples: int,
+    n_features: int = 2,
+    noise: float = 0.0,
+    x_range: tuple[float, float] = (0.0, 10.0),
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Draw ``x`` uniformly from ``x_range`` and return ``(x, x.sum(1) + noise * N(0, 1))`` as float32.
+
+    A private generator seeded with ``seed`` is used, so the global RNG (model init, shuffling) is untouched.
+    """
+    g = torch.Generator().manual_seed(seed)
+    low, high = x_range
+    x = torch.rand(n_samples, n_features, generator=g) * (high - low) + low
+    y = x.sum(dim=1, keepdim=True)
+    if noise > 0:
+        y = y + noise * torch.randn(n_samples, 1, generator=g)
+    return x, y
+
+
+class BatchOrder:
+    """The order in which one rank visits the rows of a split, epoch by epoch: TensorBatches' sampler.
+
+    On a single device it consumes the global torch RNG exactly as ``DataLoader(shuffle=True)`` does (the
+    ``RandomSampler`` draws a seed, then a ``randperm`` from a generator seeded with it), so a seeded batchlab run
+    shuffles like the notebook. Across several ranks it mirrors ``DistributedSampler``: a permutation seeded with
+    ``seed + epoch``, padded to a multiple of the world size, every ``world_size``-th row from ``rank``. Lightning
+    calls ``set_epoch`` at each epoch start, as it does for a ``DistributedSampler``.
+    """
+
+    def __init__(self, n: int, shuffle: bool, rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
+        self.n, self.shuffle, self.rank, self.world_size, self.seed = n, shuffle, rank, world_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        """Rows this rank visits per epoch."""
+        return math.ceil(self.n / self.world_size)
+
+    def indices(self) -> Optional[Tensor]:
+        """This epoch's row indices for this rank, or None for all rows in order (then batches are views)."""
+        if self.world_size == 1:
+            if not self.shuffle:
+                return None
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+            return torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.n)
+        total = len(self) * self.world_size
+        if total > self.n:
+            order = torch.cat([order, order[: total - self.n]])
+        return order[self.rank : total : self.world_size]
+
+
+class TensorBatches:
+    """An iterable of batches sliced from same-length tensors: ``DataLoader(TensorDataset(*tensors), ...)`` without
+    the per-sample ``__getitem__``, the collate and the Python-int sampler.
+
+    Written here because no library does this: DataLoader indexes one sample at a time (or one Python list of
+    ints per batch with ``__getitems__``), which costs more than the model at the seed's sizes. Yields tuples of
+    tensors on the tensors' own device. Lightning accepts any sized iterable as a dataloader.
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[Tensor],
+        batch_size: int,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ) -> None:
+        self.tensors = tuple(tensors)
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.sampler = BatchOrder(len(self.tensors[0]), shuffle, rank, world_size, seed)
+        # Lightning inspects ``batch_sampler`` on anything with a ``sampler``, as on a DataLoader.
+        self.batch_sampler = None
+
+    def __len__(self) -> int:
+        rows = len(self.sampler)
+        return rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        # A single-process DataLoader iterator draws a base seed for its workers even when it has none; draw it
+        # too, so the global RNG stream (and so every later shuffle) matches a DataLoader-based run.
+        torch.empty((), dtype=torch.int64).random_()
+        order = self.sampler.indices()
+        device = self.tensors[0].device
+        if order is not None:
+            order = order.to(device, non_blocking=True)
+        rows, b = len(self.sampler), self.batch_size
+        for start in range(0, len(self) * b, b):
+            stop = min(start + b, rows)
+            if order is None:
+                yield tuple(t[start:stop] for t in self.tensors)
+            else:
+                idx = order[start:stop]
+                yield tuple(t.index_select(0, idx) for t in self.tensors)
+
+
+class ToyRegressionData(LightningDataModule):
+    """y = sum(x) regression: the notebook's four points by default, or ``n_samples`` synthetic ones.
+
+    Args:
+        batch_size: Samples per batch on each device (the global batch is this times devices, nodes and
+            gradient accumulation). The notebook's 2 by default.
+        shuffle: Reshuffle the training rows every epoch, as ``DataLoader(shuffle=True)`` does.
+        drop_last: Drop the last, smaller training batch of each epoch.
+        n_samples: Number of synthetic samples; None uses the notebook's four points.
+        n_features: Features per sample (the notebook has 2); other values need synthetic data.
+        noise: Standard deviation of the Gaussian label noise added to the targets.
+        x_range: Synthetic features are drawn uniformly from [low, high].
+        data_seed: Seed of the data and the split, separate from the training seed (``--seed_everything``).
+        val_fraction: Fraction of the samples held out for validation (0: no validation, as in the notebook);
+            a held-out split has at least 2 samples.
+        test_fraction: Fraction of the samples held out for ``batchlab test``.
+        eval_batch_size: Batch size for validation, test and predict; None uses ``batch_size``.
+        predict_x: Inputs that ``predict`` and the end-of-fit summary predict, one row per sample.
+        on_device: Keep the whole data set on the training device, moved there once; False moves each batch.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 2,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        n_samples: Optional[int] = None,
+        n_features: int = 2,
+        noise: float = 0.0,
+        x_range: tuple[float, float] = (0.0, 10.0),
+        data_seed: int = 0,
+        val_fraction: float = 0.0,
+        test_fraction: float = 0.0,
+        eval_batch_size: Optional[int] = None,
+        predict_x: list[list[float]] = [[10.0, 11.0]],  # noqa: B006 (jsonargparse needs a literal default)
+        on_device: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_positive_int("batch_size", batch_size)
+        if n_samples is not None:
+            _check_positive_int("n_samples", n_samples)
+        _check_positive_int("n_features", n_features)
+        check(
+            n_samples is not None or n_features == 2,
+            f"n_features={n_features} needs synthetic data: the notebook's points have 2 features; set n_samples",
+        )
+        check(math.isfinite(noise) and noise >= 0, f"noise={noise} is not allowed: use a number >= 0")
+        low, high = x_range
+        check(
+            math.isfinite(low) and math.isfinite(high) and low < high,
+            f"x_range={list(x_range)} is not allowed: use two finite numbers [low, high] with low < high",
+        )
+        for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            check(0 <= frac < 1, f"{name}={frac} is not allowed: use a number in [0, 1)")
+        check(
+            val_fraction + test_fraction < 1,
+            f"val_fraction + test_fraction = {val_fraction + test_fraction} leaves no training data: keep it below 1",
+        )
+        if eval_batch_size is not None:
+            _check_positive_int("eval_batch_size", eval_batch_size)
+        check(len(predict_x) > 0, "predict_x=[] is not allowed: give at least one row")
+        for row in predict_x:
+            check(
+                len(row) == n_features,
+                f"predict_x row {list(row)} has {len(row)} values: each row needs n_features={n_features}",
+            )
+            check(all(math.isfinite(v) for v in row), f"predict_x row {list(row)} is not allowed: values must be finite")
+        self.save_hyperparameters()
+        n = n_samples if n_samples is not None else len(NOTEBOOK_X)
+        n_val, n_test = _split_size(n, val_fraction), _split_size(n, test_fraction)
+        check(
+            n - n_val - n_test >= 1,
+            f"n_samples={n} with val_fraction={val_fraction} and test_fraction={test_fraction} leaves no training "
+            "sample: use more samples or smaller fractions",
+        )
+        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def batch_size(self) -> int:
+        return self.hparams.batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        self.hparams.batch_size = value
+
+    @property
+    def predict_x(self) -> Tensor:
+        return torch.tensor(self.hparams.predict_x, dtype=torch.float32)
+
+    def full_data(self) -> tuple[Tensor, Tensor]:
+        """All samples, before the split, on the CPU."""
+        hp = self.hparams
+        if hp.n_samples is None:
+            x, y = torch.tensor(NOTEBOOK_X), torch.tensor(NOTEBOOK_Y)
+            if hp.noise > 0:
+                g = torch.Generator().manual_seed(hp.data_seed)
+                y = y + hp.noise * torch.randn(y.shape, generator=g)
+            return x, y
+        return make_synthetic(hp.n_samples, hp.n_features, hp.noise, tuple(hp.x_range), hp.data_seed)
+
+    def setup(self, stage: str) -> None:
+        if self.splits:
+            return
+        hp = self.hparams
+        x, y = self.full_data()
+        n = len(x)
+        n_val, n_test = _split_size(n, hp.val_fraction), _split_size(n, hp.test_fraction)
+        if n_val or n_test:
+            # Held-out rows come from a permutation of the data seed; each split keeps the original row order,
+            # so the training rows are the same tensor a plain DataLoader would be given.
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(hp.data_seed + 1))
+            val_idx, test_idx = perm[:n_val].sort().values, perm[n_val : n_val + n_test].sort().values
+            train_idx = perm[n_val + n_test :].sort().values
+            parts = {"train": train_idx, "val": val_idx, "test": test_idx}
+        else:
+            parts = {"train": torch.arange(n)}
+        device = self.trainer.strategy.root_device if self.trainer is not None and hp.on_device else "cpu"
+        self.splits = {
+            name: (x[idx].to(device), y[idx].to(device)) for name, idx in parts.items() if len(idx) > 0
+        }
+        self._predict = self.predict_x.to(device)
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _batches(self, split: str, batch_size: int, shuffle: bool = False, drop_last: bool = False):
+        if split not in self.splits:
+            return []
+        rank, world = self._rank_and_world()
+        return TensorBatches(
+            self.splits[split], batch_size, shuffle, drop_last, rank, world, int(os.environ.get("PL_GLOBAL_SEED", 0))
+        )
+
+    def train_dataloader(self) -> TensorBatches:
+        rows = math.ceil(len(self.splits["train"][0]) / self._rank_and_world()[1])
+        if self.batch_size > rows:
+            rank_zero_warn(
+                f"batch_size={self.batch_size} is larger than the {rows} training samples per device: "
+                f"each epoch trains one batch of {rows}"
+            )
+        return self._batches("train", self.batch_size, self.hparams.shuffle, self.hparams.drop_last)
+
+    def val_dataloader(self):
+        return self._batches("val", self._eval_batch_size())
+
+    def test_dataloader(self) -> TensorBatches:
+        check("test" in self.splits, "there is no test split: set --data.test_fraction above 0 (e.g. 0.2)")
+        return self._batches("test", self._eval_batch_size())
+
+    def predict_dataloader(self) -> TensorBatches:
+        return TensorBatches((self._predict,), self._eval_batch_size())
+
+    def _eval_batch_size(self) -> int:
+        return self.hparams.eval_batch_size or self.batch_size
+
+
+def _split_size(n: int, fraction: float) -> int:
+    # A held-out split gets at least two samples: R2 is undefined on one.
+    return 0 if fraction == 0 else max(2, round(n * fraction))
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r} is not allowed: use a positive integer (1, 2, 3, ...)")

@@ -1,0 +1,275 @@
+"""What a run reports: the end-of-fit summary, the loss against samples seen, and printed predictions.
+
+Both callbacks are added to every trainer the ``batchlab`` command builds and work with any LightningModule:
+
+- ``RunSummary`` times the fit, logs the training loss against *samples seen* (``train/loss_vs_samples``, its
+  step is the number of samples, so runs with different batch sizes line up in TensorBoard), logs the
+  hyperparameters to TensorBoard's HParams tab against real end-of-run metrics (``hp/*``), and ends the fit
+  with ``summary.json`` in the run's log directory and a short printed summary.
+- ``PredictionPrinter`` prints each input row of ``batchlab predict`` beside its prediction.
+
+Written here because Lightning has no callback that reports throughput per sample or logs against samples
+seen (its ``Timer`` only measures durations and ``ThroughputMonitor`` needs a per-batch length function and
+logs per step, not a run summary).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr
+
+
+def device_name(device: torch.device) -> str:
+    """``cpu``, or ``cuda:0 (NVIDIA H100 80GB HBM3)``."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def global_batch_size(trainer: Trainer, per_device: int) -> int:
+    """Samples per optimizer step over all devices: per device x devices x nodes x accumulated batches."""
+    return per_device * trainer.world_size * trainer.accumulate_grad_batches
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    """Write ``data`` to ``path`` atomically; never replace an existing file (a ``-2``, ``-3``... name is used).
+
+    Returns the path written.
+    """
+    path = Path(path)
+    target, k = path, 1
+    while target.exists():
+        k += 1
+        target = path.with_name(f"{path.stem}-{k}{path.suffix}")
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, target)
+    return target
+
+
+class RunSummary(Callback):
+    """Measure a fit and report it: ``summary.json``, a printed summary, TensorBoard's samples-seen curve and
+    HParams.
+
+    Args:
+        filename: Name of the summary written into the run's log directory.
+        verbose: Print the summary at the end of the fit.
+    """
+
+    def __init__(self, filename: str = "summary.json", verbose: bool = True) -> None:
+        self.filename = filename
+        self.verbose = verbose
+        self.samples_seen = 0
+        self.summary: Optional[dict[str, Any]] = None
+
+    # Timing. Steady state is everything after the first epoch, which carries the warm-up.
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+        self._first_epoch_end: Optional[tuple[float, int]] = None
+        self._last_loss: Optional[torch.Tensor] = None
+        self._last_logged_step = -1
+        self.summary = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._train_start = time.perf_counter()
+        self._start_step = trainer.global_step
+        self._start_samples = self.samples_seen
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.samples_seen += extract_batch_size(batch) * trainer.world_size
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self._last_loss = loss.detach()
+        step = trainer.global_step
+        if (
+            trainer.logger is not None
+            and self._last_loss is not None
+            and step % trainer.log_every_n_steps == 0
+            and step != self._last_logged_step
+        ):
+            self._last_logged_step = step
+            trainer.logger.log_metrics({"train/loss_vs_samples": self._last_loss.item()}, step=self.samples_seen)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._first_epoch_end is None:
+            self._first_epoch_end = (time.perf_counter(), trainer.global_step)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._train_end = time.perf_counter()
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.summary = self._summarise(trainer, pl_module)
+        if trainer.logger is not None:
+            trainer.logger.log_hyperparams(self._hparams(trainer, pl_module), metrics=self._hp_metrics())
+            trainer.logger.save()
+        self._report(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"samples_seen": self.samples_seen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.samples_seen = state_dict.get("samples_seen", 0)
+
+    def _summarise(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        now = time.perf_counter()
+        train_end = getattr(self, "_train_end", now)
+        wall_s = train_end - getattr(self, "_train_start", train_end)
+        steps = trainer.global_step - getattr(self, "_start_step", 0)
+        samples = self.samples_seen - getattr(self, "_start_samples", 0)
+        if self._first_epoch_end is not None and trainer.global_step > self._first_epoch_end[1]:
+            t0, s0 = self._first_epoch_end
+            step_s = (train_end - t0) / (trainer.global_step - s0)
+        else:
+            step_s = wall_s / steps if steps else None
+        per_device = lightning_getattr(pl_module, "batch_size") if lightning_hasattr(pl_module, "batch_size") else None
+        metrics = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1 and not k.startswith("train/")
+        }
+        summary: dict[str, Any] = {
+            "batch_size": per_device,
+            "global_batch_size": global_batch_size(trainer, per_device) if per_device else None,
+            "devices": trainer.world_size,
+            "num_nodes": trainer.num_nodes,
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "epochs": trainer.current_epoch,
+            "steps": trainer.global_step,
+            "samples_seen": self.samples_seen,
+            "train_loss": float(self._last_loss) if self._last_loss is not None else None,
+            "metrics": metrics,
+            "wall_s": wall_s,
+            "fit_s": now - self._fit_start,
+            "step_s": step_s,
+            "samples_per_s": samples / wall_s if wall_s > 0 else None,
+            "device": device_name(pl_module.device),
+            "seed": _env_int("PL_GLOBAL_SEED"),
+            "predictions": self._predict(trainer, pl_module),
+            "checkpoint": getattr(trainer.checkpoint_callback, "last_model_path", None)
+            or getattr(trainer.checkpoint_callback, "best_model_path", None)
+            or None,
+            "log_dir": trainer.log_dir,
+            "interrupted": trainer.interrupted,
+        }
+        return summary
+
+    @staticmethod
+    def _predict(trainer: Trainer, pl_module: LightningModule) -> Optional[dict[str, list]]:
+        x = getattr(trainer.datamodule, "predict_x", None)
+        if not isinstance(x, torch.Tensor):
+            return None
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            y = pl_module(x.to(pl_module.device))
+        pl_module.train(was_training)
+        return {"x": x.tolist(), "y": y.cpu().tolist()}
+
+    def _hparams(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        if trainer.datamodule is not None:
+            params.update(trainer.datamodule.hparams)
+        params.update(pl_module.hparams)
+        s = self.summary or {}
+        params.update(global_batch_size=s.get("global_batch_size"), devices=s.get("devices"), seed=s.get("seed"))
+        return {k: v for k, v in params.items() if not k.startswith("_")}
+
+    def _hp_metrics(self) -> dict[str, float]:
+        s = self.summary or {}
+        out = {"hp/train_loss": s.get("train_loss"), "hp/samples_per_s": s.get("samples_per_s")}
+        out.update({"hp/" + k.replace("/", "_"): v for k, v in s.get("metrics", {}).items()})
+        return {k: v for k, v in out.items() if v is not None}
+
+    @rank_zero_only
+    def _report(self, trainer: Trainer) -> None:
+        s = self.summary
+        assert s is not None
+        if trainer.log_dir is not None:
+            written = write_json(Path(trainer.log_dir) / self.filename, s)
+            s["summary_path"] = str(written)
+        if self.verbose:
+            print(format_summary(s))
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The human summary printed at the end of ``batchlab fit``."""
+    lines = ["", "batchlab fit summary"]
+    lines.append(
+        f"  device        {s['device']}  ({s['devices']} device(s) x {s['num_nodes']} node(s))"
+    )
+    lines.append(
+        f"  batch size    {s['batch_size']} per device, {s['global_batch_size']} global"
+        + (f" (x{s['accumulate_grad_batches']} accumulated)" if s["accumulate_grad_batches"] > 1 else "")
+    )
+    lines.append(f"  trained       {s['epochs']} epochs, {s['steps']} steps, {s['samples_seen']} samples")
+    step_ms = f", {s['step_s'] * 1e3:.3f} ms/step steady" if s.get("step_s") else ""
+    rate = f"{s['samples_per_s']:,.0f} samples/s" if s.get("samples_per_s") else "n/a"
+    lines.append(f"  time          {s['wall_s']:.3f} s training, {rate}{step_ms}")
+    if s.get("train_loss") is not None:
+        lines.append(f"  train loss    {s['train_loss']:.6g} (last step)")
+    for k, v in sorted(s.get("metrics", {}).items()):
+        lines.append(f"  {k:<13} {v:.6g}")
+    if s.get("predictions"):
+        for x, y in zip(s["predictions"]["x"], s["predictions"]["y"]):
+            lines.append(f"  predict       {_fmt_row(x)} -> {_fmt_row(y)}")
+    if s.get("interrupted"):
+        lines.append("  interrupted   yes: the run stopped early")
+    if s.get("checkpoint"):
+        lines.append(f"  checkpoint    {s['checkpoint']}")
+    if s.get("summary_path"):
+        lines.append(f"  summary       {s['summary_path']}")
+    if s.get("log_dir"):
+        lines.append(f"  tensorboard   tensorboard --logdir {s['log_dir']}")
+    return "\n".join(lines)
+
+
+class PredictionPrinter(BasePredictionWriter):
+    """Collect every input row of ``batchlab predict`` with its prediction; ``lines()`` formats them as
+    ``[10, 11] -> [20.73]`` (the CLI prints them once the progress bar is done)."""
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="batch")
+        self.rows: list[tuple[Any, Any]] = []
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.rows = []
+
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if isinstance(prediction, torch.Tensor) and isinstance(x, torch.Tensor):
+            self.rows.extend(zip(x.tolist(), prediction.tolist()))
+        else:
+            self.rows.append((None, prediction))
+
+    def lines(self) -> list[str]:
+        return [f"{_fmt_row(x)} -> {_fmt_row(y)}" if x is not None else str(y) for x, y in self.rows]
+
+
+def _fmt_row(values: Any) -> str:
+    if isinstance(values, (list, tuple)):
+        return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"
+    return f"{values:.6g}"
+
+
+def _env_int(name: str) -> Optional[int]:
+    value = os.environ.get(name)
+    return int(value) if value is not None and value.lstrip("-").isdigit() else None
