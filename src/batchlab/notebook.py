@@ -76,7 +76,7 @@ def train(
             opt.step()
             loss_history.append(loss_value)
     end = time.time()
-    return mynet, [float(v) for v in loss_history], end - start
+    return mynet, [v.item() for v in loss_history], end - start
 
 
 if __name__ == "__main__":

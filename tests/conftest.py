@@ -1,0 +1,84 @@
+"""Shared helpers for the tests: run the ``batchlab`` command in-process and read TensorBoard event files back.
+
+Every test runs offline, on the CPU unless parametrised for CUDA, inside its own ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from batchlab.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SEED = str(CONFIGS / "seed.yaml")
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICES = ["cpu", pytest.param("gpu", marks=cuda)]
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def batchlab(tmp_path, monkeypatch, capsys):
+    """Run ``batchlab ARGS`` in-process with ``tmp_path`` as the working directory; return a ``Result``."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["batchlab"])
+
+    def run(*args: str) -> Result:
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def run_dirs(root: Path, name: str = "seed") -> list[Path]:
+    """The version folders of a TensorBoard logger, oldest first."""
+    return sorted((Path(root) / "runs" / name).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+
+
+def load_summary(log_dir: Path) -> dict:
+    return json.loads((Path(log_dir) / "summary.json").read_text())
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag in a run folder as ``{tag: [(step, value), ...]}``."""
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def hparams_plugin(log_dir: Path):
+    """TensorBoard's HParams session data of a run: (hyperparameter names and values, metric tags)."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    params, metric_tags = {}, []
+    for raw in content.values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(raw)
+        if data.HasField("session_start_info"):
+            for k, v in data.session_start_info.hparams.items():
+                params[k] = v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
+        if data.HasField("experiment"):
+            metric_tags += [m.name.tag for m in data.experiment.metric_infos]
+    return params, metric_tags
