@@ -16,16 +16,18 @@ import logging
 import re
 import sys
 import warnings
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from batchlab.data import ToyRegressionData
 from batchlab.errors import ConfigError
 from batchlab.model import MLPRegressor
 from batchlab.summary import PredictionPrinter, RunSummary, format_summary
+from batchlab.tune import BatchSizeSearch, check_not_distributed, format_tune, run_tune, write_tune
 
 
 class BatchlabParser(LightningArgumentParser):
@@ -37,11 +39,56 @@ class BatchlabParser(LightningArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+class BatchlabTrainer(Trainer):
+    """Lightning's Trainer plus ``tune``, which LightningCLI turns into the ``batchlab tune`` subcommand."""
+
+    def tune(
+        self,
+        model: LightningModule,
+        datamodule: Optional[LightningDataModule] = None,
+        mode: Literal["power", "binsearch"] = "power",
+        init_val: int = 2,
+        max_trials: int = 25,
+        steps_per_trial: int = 3,
+        max_val: int = 8192,
+        margin: float = 0.05,
+    ) -> dict[str, Any]:
+        """Find the largest batch size that fits in memory with Lightning's batch-size finder.
+
+        Args:
+            model: The model, from the config.
+            datamodule: The data, from the config.
+            mode: ``power`` doubles the batch size until it fails or reaches a cap; ``binsearch`` then bisects.
+            init_val: First batch size tried.
+            max_trials: Most batch sizes tried.
+            steps_per_trial: Training steps at each size.
+            max_val: Largest batch size tried; on a CPU, where nothing runs out of memory, this is the cap.
+            margin: Fraction taken off the size ``binsearch`` finds, as a safety buffer.
+        """
+        finder = BatchSizeSearch(mode, steps_per_trial, init_val, max_trials, max_val, margin)
+        result = run_tune(self, model, datamodule, finder)
+        if self.is_global_zero:
+            path = write_tune(result, self.log_dir or ".")
+            print(format_tune(result, path))
+        return result
+
+
 class BatchlabCLI(LightningCLI):
-    """LightningCLI with the model's input width linked to the data's."""
+    """LightningCLI with the model's input width linked to the data's and a ``tune`` subcommand."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "tune": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.n_features", "model.n_features")
+
+    def before_fit(self) -> None:
+        if any(isinstance(c, BatchSizeSearch) for c in self.trainer.callbacks):
+            check_not_distributed(self.trainer)
+
+    def before_tune(self) -> None:
+        check_not_distributed(self.trainer)
 
     # Reports are printed here rather than in the callbacks so that they come after the progress bar's last line.
     def after_fit(self) -> None:
@@ -60,6 +107,7 @@ def make_cli(args: Optional[list[str]] = None, run: bool = True) -> BatchlabCLI:
     return BatchlabCLI(
         MLPRegressor,
         ToyRegressionData,
+        trainer_class=BatchlabTrainer,
         parser_class=BatchlabParser,
         # The optimizer is configured through the model's own lr/optimizer/momentum, the one way batchlab has.
         auto_configure_optimizers=False,

@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torch.utils.data import TensorDataset
 
 from batchlab.errors import ConfigError, check
 
@@ -110,8 +111,10 @@ class TensorBatches:
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.sampler = BatchOrder(len(self.tensors[0]), shuffle, rank, world_size, seed)
-        # Lightning inspects ``batch_sampler`` on anything with a ``sampler``, as on a DataLoader.
+        # Lightning reads these as it would a DataLoader's: ``batch_sampler`` on anything with a ``sampler``, and
+        # ``dataset`` for the data's length (the batch-size finder stops once a batch holds all of it).
         self.batch_sampler = None
+        self.dataset = TensorDataset(*self.tensors)
 
     def __len__(self) -> int:
         rows = len(self.sampler)

@@ -23,7 +23,9 @@ from typing import Any, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, BatchSizeFinder
+from lightning.pytorch.core.saving import save_hparams_to_yaml
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr
@@ -55,6 +57,23 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, target)
     return target
+
+
+def log_hparams(trainer: Trainer, params: dict[str, Any], metrics: Optional[dict[str, float]] = None) -> None:
+    """Log hyperparameters (and, for TensorBoard's HParams tab, metrics) and bring ``hparams.yaml`` up to date.
+
+    Lightning writes ``hparams.yaml`` once, at the start of a fit, from the hyperparameters as they were built;
+    a value changed since (the batch size a search found) would otherwise never reach it.
+    """
+    logger = trainer.logger
+    if logger is None or not trainer.is_global_zero:
+        return
+    logger.log_hyperparams(params, metrics=metrics)
+    logger.save()
+    if isinstance(logger, (TensorBoardLogger, CSVLogger)):
+        path = Path(logger.log_dir) / "hparams.yaml"
+        if path.is_file():
+            save_hparams_to_yaml(path, logger.hparams)
 
 
 class RunSummary(Callback):
@@ -111,9 +130,7 @@ class RunSummary(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.summary = self._summarise(trainer, pl_module)
-        if trainer.logger is not None:
-            trainer.logger.log_hyperparams(self._hparams(trainer, pl_module), metrics=self._hp_metrics())
-            trainer.logger.save()
+        log_hparams(trainer, self._hparams(trainer, pl_module), metrics=self._hp_metrics())
         self._report(trainer)
 
     def state_dict(self) -> dict[str, Any]:
@@ -161,6 +178,10 @@ class RunSummary(Callback):
             "log_dir": trainer.log_dir,
             "interrupted": trainer.interrupted,
         }
+        search = _batch_size_search(trainer)
+        if search is not None:
+            summary["batch_size_initial"] = search["batch_size_initial"]
+            summary["batch_size_search"] = search
         return summary
 
     @staticmethod
@@ -182,6 +203,8 @@ class RunSummary(Callback):
         params.update(pl_module.hparams)
         s = self.summary or {}
         params.update(global_batch_size=s.get("global_batch_size"), devices=s.get("devices"), seed=s.get("seed"))
+        if "batch_size_initial" in s:
+            params["batch_size_initial"] = s["batch_size_initial"]
         return {k: v for k, v in params.items() if not k.startswith("_")}
 
     def _hp_metrics(self) -> dict[str, float]:
@@ -211,6 +234,12 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  batch size    {s['batch_size']} per device, {s['global_batch_size']} global"
         + (f" (x{s['accumulate_grad_batches']} accumulated)" if s["accumulate_grad_batches"] > 1 else "")
     )
+    if "batch_size_initial" in s:
+        search = s["batch_size_search"]
+        lines.append(
+            f"  batch search  from {s['batch_size_initial']} to {s['batch_size']} "
+            f"({search['mode']}, stopped because {search['stopped_because']})"
+        )
     lines.append(f"  trained       {s['epochs']} epochs, {s['steps']} steps, {s['samples_seen']} samples")
     step_ms = f", {s['step_s'] * 1e3:.3f} ms/step steady" if s.get("step_s") else ""
     rate = f"{s['samples_per_s']:,.0f} samples/s" if s.get("samples_per_s") else "n/a"
@@ -262,6 +291,14 @@ class PredictionPrinter(BasePredictionWriter):
 
     def lines(self) -> list[str]:
         return [f"{_fmt_row(x)} -> {_fmt_row(y)}" if x is not None else str(y) for x, y in self.rows]
+
+
+def _batch_size_search(trainer: Trainer) -> Optional[dict[str, Any]]:
+    """What a batch-size search in this fit found (``batchlab.tune.BatchSizeSearch.result``), if one ran."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, BatchSizeFinder) and getattr(callback, "result", None):
+            return callback.result
+    return None
 
 
 def _fmt_row(values: Any) -> str:

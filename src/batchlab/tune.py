@@ -1,0 +1,285 @@
+"""Lightning's batch-size finder, made honest: every trial recorded, the reason the search stopped, and the
+random state restored so that the search changes nothing but the batch size.
+
+Used two ways:
+
+- ``batchlab tune -c configs/seed.yaml [--mode binsearch --max_val 4096 ...]`` searches, prints the size found
+  and why the search stopped (``out_of_memory``, ``dataset_size``, ``max_val`` or ``max_trials``), and writes
+  ``tune.json`` into the run's folder;
+- ``batchlab fit -c configs/seed.yaml -c configs/find_batch_size.yaml`` searches, then trains with the size
+  found; ``summary.json``, ``hparams.yaml`` and TensorBoard's HParams show the size trained with and the one the
+  search started from.
+
+The search itself is Lightning's ``BatchSizeFinder``. Lightning removes every callback and logger while it runs
+its trials and reports them only as log lines, so ``TrialRecorder`` reads those lines (the one place batchlab
+depends on their wording; the tests pin it). Lightning restores the weights after the search but not the random
+state, so a fit after a search would otherwise shuffle differently from the same fit without one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BatchSizeFinder
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.utilities.exceptions import _TunerExitException  # private: see run_tune
+from lightning.pytorch.utilities.parsing import lightning_getattr
+
+from batchlab.errors import ConfigError, check
+from batchlab.summary import device_name, log_hparams, write_json
+
+STOP_REASONS = ("out_of_memory", "dataset_size", "max_val", "max_trials")
+
+# Lightning 2.6's messages, in lightning/pytorch/tuner/batch_size_scaling.py.
+_TRIED = re.compile(r"Batch size (\d+) (succeeded|failed), trying batch size (\d+)")
+_DATASET = re.compile(r"The batch size (\d+) is greater or equal than the length of your dataset: (\d+)")
+_MAX_VAL = re.compile(r"Reached the maximum batch size limit of (\d+)")
+_MARGIN = re.compile(r"reducing batch size from (\d+) to (\d+)")
+_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.tuner.batch_size_scaling")
+
+
+class TrialRecorder(logging.Handler):
+    """Collects the finder's trials from its log lines, with the peak device memory of each on a GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(logging.INFO)
+        self.device = device
+        self.trials: list[dict[str, Any]] = []
+        self.dataset_size: Optional[int] = None
+        self.hit_max_val = False
+        self.before_margin: Optional[int] = None
+        self._pending: Optional[int] = None
+
+    def __enter__(self) -> TrialRecorder:
+        self._levels = []
+        for name in _LOGGERS:
+            logger = logging.getLogger(name)
+            self._levels.append(logger.level)
+            logger.setLevel(logging.INFO)  # the trials must be seen even where the user quietened Lightning
+            logger.addHandler(self)
+        self._reset_peak()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, level in zip(_LOGGERS, self._levels):
+            logger = logging.getLogger(name)
+            logger.removeHandler(self)
+            logger.setLevel(level)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if m := _TRIED.search(message):
+            self._trial(int(m.group(1)), m.group(2) == "succeeded")
+            self._pending = int(m.group(3)) if m.group(2) == "succeeded" else None
+        elif m := _DATASET.search(message):
+            # Said after a successful trial at that size, instead of "succeeded, trying ...".
+            self._trial(int(m.group(1)), True)
+            self.dataset_size = int(m.group(2))
+            self._pending = None
+        elif _MAX_VAL.search(message):
+            # Said before trying the capped size, which is then never tried.
+            self.hit_max_val = True
+            self._pending = None
+        elif m := _MARGIN.search(message):
+            self.before_margin = int(m.group(1))
+
+    def finish(self) -> None:
+        """Record the last trial, which Lightning runs without a message when it ends on ``max_trials``."""
+        if self._pending is not None:
+            self._trial(self._pending, True)
+            self._pending = None
+
+    def _trial(self, batch_size: int, ok: bool) -> None:
+        trial: dict[str, Any] = {"batch_size": batch_size, "ok": ok}
+        if self.device.type == "cuda":
+            trial["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            self._reset_peak()
+        self.trials.append(trial)
+
+    def _reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+
+def stop_reason(trials: list[dict[str, Any]], dataset_size: Optional[int], hit_max_val: bool) -> str:
+    """Why the search ended: a failed trial means memory set the limit; otherwise the first cap reached."""
+    if any(not t["ok"] for t in trials):
+        return "out_of_memory"
+    if dataset_size is not None:
+        return "dataset_size"
+    if hit_max_val:
+        return "max_val"
+    return "max_trials"
+
+
+class BatchSizeSearch(BatchSizeFinder):
+    """Lightning's ``BatchSizeFinder`` that records its trials and why it stopped, restores the random state
+    after the search, and records the batch size it started from next to the one it found.
+
+    Args:
+        mode: ``power`` doubles until a cap or an out-of-memory error; ``binsearch`` then bisects.
+        steps_per_trial: Training steps run at each batch size tried.
+        init_val: First batch size tried.
+        max_trials: Most batch sizes tried.
+        max_val: Largest batch size tried (on a CPU, where nothing runs out of memory, this is the cap).
+        margin: Fraction taken off the size found by ``binsearch``, as a safety buffer.
+    """
+
+    def __init__(
+        self,
+        mode: Literal["power", "binsearch"] = "power",
+        steps_per_trial: int = 3,
+        init_val: int = 2,
+        max_trials: int = 25,
+        max_val: int = 8192,
+        margin: float = 0.05,
+    ) -> None:
+        check(mode in ("power", "binsearch"), f"mode={mode!r} is not allowed: use 'power' or 'binsearch'")
+        for name, value in (("steps_per_trial", steps_per_trial), ("init_val", init_val),
+                            ("max_trials", max_trials), ("max_val", max_val)):
+            check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"{name}={value!r} is not allowed: use a positive integer",
+            )
+        check(init_val <= max_val, f"init_val={init_val} is above max_val={max_val}: use init_val <= max_val")
+        check(0 <= margin < 1, f"margin={margin} is not allowed: use a number in [0, 1)")
+        super().__init__(mode, steps_per_trial, init_val, max_trials, "batch_size", margin, max_val)
+        self.settings = {"mode": mode, "steps_per_trial": steps_per_trial, "init_val": init_val,
+                         "max_trials": max_trials, "max_val": max_val, "margin": margin}
+        self.result: Optional[dict[str, Any]] = None
+
+    def scale_batch_size(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        check_not_distributed(trainer)
+        initial = lightning_getattr(pl_module, "batch_size")
+        rng = _rng_state()
+        recorder = TrialRecorder(pl_module.device)
+        try:
+            with recorder:
+                try:
+                    super().scale_batch_size(trainer, pl_module)
+                except _TunerExitException:  # the search ended and `batchlab tune` stops here
+                    recorder.finish()
+                    raise
+                recorder.finish()
+        finally:
+            _set_rng_state(rng)
+            self.result = self._describe(trainer, pl_module, initial, recorder)
+            log_hparams(trainer, {"batch_size": self.result["batch_size"], "batch_size_initial": initial})
+
+    def _describe(
+        self, trainer: Trainer, pl_module: LightningModule, initial: int, recorder: TrialRecorder
+    ) -> dict[str, Any]:
+        found = self.optimal_batch_size or lightning_getattr(pl_module, "batch_size")
+        trials = recorder.trials
+        tried = {t["batch_size"] for t in trials}
+        dataset_size = recorder.dataset_size
+        effective = min(found, dataset_size) if dataset_size else found
+        return {
+            "batch_size": found,
+            "effective_batch_size": effective,
+            "batch_size_initial": initial,
+            **self.settings,
+            "stopped_because": stop_reason(trials, dataset_size, recorder.hit_max_val),
+            "trials": trials,
+            "largest_ok": max((t["batch_size"] for t in trials if t["ok"]), default=None),
+            "found_was_tried": found in tried,
+            "before_margin": recorder.before_margin,
+            "dataset_size": dataset_size,
+            "device": device_name(pl_module.device),
+            "memory_limited": any(not t["ok"] for t in trials),
+        }
+
+
+def check_not_distributed(trainer: Trainer) -> None:
+    """Lightning's finder refuses distributed strategies; say so before any process is launched."""
+    check(
+        not isinstance(trainer.strategy, ParallelStrategy),
+        f"the batch-size finder does not run under strategy={type(trainer.strategy).__name__} "
+        f"(devices={trainer.num_devices}, num_nodes={trainer.num_nodes}): Lightning refuses distributed "
+        "strategies; search on one device (--trainer.devices 1) and scale the result",
+    )
+
+
+def format_tune(result: dict[str, Any], path: Optional[Path] = None) -> str:
+    """The lines ``batchlab tune`` prints."""
+    found, reason = result["batch_size"], result["stopped_because"]
+    why = {
+        "out_of_memory": "a larger batch ran out of device memory",
+        "dataset_size": f"the batch covers all {result['dataset_size']} training samples",
+        "max_val": f"it reached max_val={result['max_val']}",
+        "max_trials": f"it used all max_trials={result['max_trials']} trials",
+    }[reason]
+    lines = ["", "batchlab tune", f"  batch size found   {found} ({result['mode']} search, from {result['init_val']})",
+             f"  stopped because    {reason}: {why}"]
+    if result["effective_batch_size"] != found:
+        lines.append(
+            f"  effective          {result['effective_batch_size']}: a batch of {found} holds all "
+            f"{result['dataset_size']} samples"
+        )
+    for t in result["trials"]:
+        memory = f", peak {t['peak_memory_bytes'] / 2**20:,.0f} MiB" if "peak_memory_bytes" in t else ""
+        lines.append(f"  trial              {t['batch_size']:>8} {'ok' if t['ok'] else 'out of memory'}{memory}")
+    if result["before_margin"]:
+        lines.append(
+            f"  margin             {result['before_margin']} less the {result['margin']:.0%} margin gives {found}"
+        )
+    elif not result["found_was_tried"]:
+        lines.append(f"  note               {found} itself was not tried: Lightning's finder stops before trying its cap")
+    lines.append(f"  device             {result['device']}")
+    if not result["memory_limited"]:
+        largest = result["largest_ok"]
+        where = "on a CPU nothing runs out of memory" if result["device"] == "cpu" else "nothing ran out of memory"
+        lines.append(
+            f"  memory             did not limit this search ({where}); the largest batch tried was {largest}"
+        )
+        lines.append("  next               for a batch size worth training with, run `batchlab study`")
+    if path is not None:
+        lines.append(f"  written            {path}")
+    return "\n".join(lines)
+
+
+def write_tune(result: dict[str, Any], log_dir: str) -> Path:
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    return write_json(Path(log_dir) / "tune.json", result)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def run_tune(trainer: Trainer, model: LightningModule, datamodule: Any, finder: BatchSizeSearch) -> dict[str, Any]:
+    """Search with ``finder`` and stop, as ``lightning.pytorch.tuner.Tuner.scale_batch_size`` does.
+
+    Tuner builds its own finder, so this repeats its few lines with ours. The two private names used here and in
+    ``BatchSizeSearch`` (``_early_exit`` and ``_TunerExitException``) are how Lightning's own Tuner stops a fit
+    after the search; no public hook does it.
+    """
+    check_not_distributed(trainer)
+    # The finder's own flag for "stop after the search"; Tuner.scale_batch_size sets it the same way.
+    finder._early_exit = True
+    trainer.callbacks = [finder] + [c for c in trainer.callbacks if not isinstance(c, BatchSizeFinder)]
+    try:
+        trainer.fit(model, datamodule=datamodule)
+    finally:
+        trainer.callbacks = [c for c in trainer.callbacks if c is not finder]
+    if finder.result is None:
+        raise ConfigError("the batch-size search did not run")
+    return finder.result

@@ -1,0 +1,173 @@
+"""``batchlab tune`` and the finder inside ``fit``: Lightning's search, its trials and why it stopped, the
+batch size recorded everywhere it is reported, and a search that changes nothing but the batch size."""
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from conftest import CONFIGS, DEVICES, QUIET, SEED, hparams_plugin, load_summary, run_dirs, scalars
+from lightning.pytorch import Trainer
+
+from batchlab.data import ToyRegressionData
+from batchlab.model import MLPRegressor
+from batchlab.tune import BatchSizeSearch, TrialRecorder, run_tune, stop_reason
+
+FIND = str(CONFIGS / "find_batch_size.yaml")
+N1000 = ["--data.n_samples", "1000"]
+
+
+def _tune(batchlab, tmp_path, *args):
+    result = batchlab("tune", "-c", SEED, *QUIET, *args)
+    assert result.code == 0, result.err
+    log_dir = run_dirs(tmp_path)[-1]
+    return json.loads((log_dir / "tune.json").read_text()), result.out
+
+
+def test_power_search_on_a_cpu_stops_at_the_dataset_and_says_memory_did_not_limit_it(batchlab, tmp_path):
+    tune, out = _tune(batchlab, tmp_path, *N1000)
+    assert tune["mode"] == "power" and tune["stopped_because"] == "dataset_size"
+    assert [t["batch_size"] for t in tune["trials"]] == [2**k for k in range(1, 11)]
+    assert all(t["ok"] for t in tune["trials"])
+    assert tune["batch_size"] == 1024 and tune["effective_batch_size"] == 1000 and tune["dataset_size"] == 1000
+    assert tune["device"] == "cpu" and tune["memory_limited"] is False
+    assert "batch size found   1024" in out and "stopped because    dataset_size" in out
+    assert "did not limit this search" in out and "largest batch tried was 1024" in out
+    assert "batchlab study" in out
+
+
+def test_binsearch_applies_the_margin(batchlab, tmp_path):
+    tune, out = _tune(batchlab, tmp_path, *N1000, "--mode", "binsearch", "--margin", "0.1")
+    assert tune["mode"] == "binsearch" and tune["before_margin"] == 1024
+    assert tune["batch_size"] == int(1024 * 0.9) == 921
+    assert "1024 less the 10% margin gives 921" in out
+
+
+def test_a_max_val_stop_is_reported_as_such_and_the_untried_cap_is_flagged(batchlab, tmp_path):
+    tune, out = _tune(batchlab, tmp_path, *N1000, "--max_val", "64")
+    assert tune["stopped_because"] == "max_val" and tune["batch_size"] == 64
+    assert [t["batch_size"] for t in tune["trials"]] == [2, 4, 8, 16, 32]
+    assert tune["found_was_tried"] is False and "64 itself was not tried" in out
+
+
+def test_a_max_trials_stop_is_reported_as_such_with_every_trial(batchlab, tmp_path):
+    tune, _ = _tune(batchlab, tmp_path, *N1000, "--max_trials", "3", "--init_val", "4")
+    assert tune["stopped_because"] == "max_trials" and tune["batch_size"] == 16
+    assert [t["batch_size"] for t in tune["trials"]] == [4, 8, 16] and tune["found_was_tried"]
+
+
+def test_tune_never_overwrites_an_earlier_tune(batchlab, tmp_path):
+    _tune(batchlab, tmp_path, *N1000, "--max_val", "8")
+    first = run_dirs(tmp_path)[0] / "tune.json"
+    before = first.read_text()
+    _tune(batchlab, tmp_path, *N1000, "--max_val", "16")
+    assert first.read_text() == before and len(run_dirs(tmp_path)) == 2
+
+
+class RunsOutOfMemory(MLPRegressor):
+    """Raises the allocator's own out-of-memory error above a batch size, as a GPU would."""
+
+    limit = 100
+
+    def training_step(self, batch, batch_idx):
+        if len(batch[0]) > self.limit:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 12345 bytes.")
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize(("mode", "found"), [("power", 64), ("binsearch", 100)])
+def test_an_out_of_memory_error_ends_the_search_and_is_named(tmp_path, mode, found):
+    trainer = Trainer(default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", max_epochs=1)
+    finder = BatchSizeSearch(mode=mode, margin=0.0)
+    result = run_tune(trainer, RunsOutOfMemory(), ToyRegressionData(n_samples=4096), finder)
+    assert result["stopped_because"] == "out_of_memory" and result["memory_limited"]
+    assert result["batch_size"] == found
+    failed = [t["batch_size"] for t in result["trials"] if not t["ok"]]
+    assert failed and min(failed) > RunsOutOfMemory.limit
+    assert all(t["ok"] for t in result["trials"] if t["batch_size"] <= RunsOutOfMemory.limit)
+
+
+def test_the_recorder_reads_lightnings_messages():
+    import logging
+
+    recorder = TrialRecorder(torch.device("cpu"))
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with recorder:
+        log.info("Batch size 2 succeeded, trying batch size 4")
+        log.info("Batch size 4 failed, trying batch size 2")
+    assert recorder.trials == [{"batch_size": 2, "ok": True}, {"batch_size": 4, "ok": False}]
+    assert stop_reason(recorder.trials, None, False) == "out_of_memory"
+    assert stop_reason([{"batch_size": 2, "ok": True}], 4, False) == "dataset_size"
+    assert stop_reason([{"batch_size": 2, "ok": True}], None, True) == "max_val"
+    assert stop_reason([{"batch_size": 2, "ok": True}], None, False) == "max_trials"
+    assert recorder not in log.handlers
+
+
+def _fit_losses(batchlab, tmp_path, *args):
+    result = batchlab("fit", "-c", SEED, *QUIET, "--data.n_samples", "256", "--data.noise", "1",
+                      "--trainer.max_epochs", "20", *args)
+    assert result.code == 0, result.err
+    log_dir = run_dirs(tmp_path)[-1]
+    return [v for _, v in scalars(log_dir)["train/loss"]], log_dir, result.out
+
+
+def test_fit_with_the_finder_trains_with_the_size_found_and_reports_both_sizes(batchlab, tmp_path):
+    _, log_dir, out = _fit_losses(batchlab, tmp_path, "-c", FIND)
+    summary = load_summary(log_dir)
+    assert summary["batch_size"] == 256 and summary["batch_size_initial"] == 2
+    assert summary["steps"] == 20 and summary["samples_seen"] == 20 * 256
+    assert summary["batch_size_search"]["stopped_because"] == "dataset_size"
+    assert "from 2 to 256" in out and "256 per device, 256 global" in out
+    hparams = yaml.safe_load((log_dir / "hparams.yaml").read_text())
+    assert hparams["batch_size"] == 256 and hparams["batch_size_initial"] == 2
+    params, _ = hparams_plugin(log_dir)
+    assert params["batch_size"] == 256 and params["batch_size_initial"] == 2
+
+
+def test_a_search_changes_nothing_but_the_batch_size_and_repeats_exactly(batchlab, tmp_path):
+    searched, _, _ = _fit_losses(batchlab, tmp_path, "-c", FIND)
+    again, _, _ = _fit_losses(batchlab, tmp_path, "-c", FIND)
+    plain, _, _ = _fit_losses(batchlab, tmp_path, "--data.batch_size", "256")
+    assert searched == again
+    assert searched == plain, "same initial weights and same shuffles as a fit without the search"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mode", "foo"], "mode='foo'"),
+        (["--max_val", "0"], "max_val=0"),
+        (["--init_val", "100", "--max_val", "50"], "init_val=100 is above max_val=50"),
+        (["--margin", "1.5"], "margin=1.5"),
+        (["--max_trials", "-1"], "max_trials=-1"),
+        (["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
+         "does not run under strategy=DDPStrategy"),
+    ],
+)
+def test_bad_tune_input_is_a_one_line_error(batchlab, args, message):
+    result = batchlab("tune", "-c", SEED, *QUIET, *args)
+    assert result.code == 2
+    last = result.err.strip().splitlines()[-1]
+    assert last.startswith("batchlab: error: ") and message in last, last
+    assert "Traceback" not in result.err
+
+
+def test_the_finder_inside_a_ddp_fit_is_refused_before_launch(batchlab):
+    result = batchlab("fit", "-c", SEED, *QUIET, "-c", FIND, "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                      "--trainer.accelerator", "cpu")
+    assert result.code == 2 and "does not run under strategy=DDPStrategy" in result.err
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if not isinstance(d, str)])
+def test_on_a_gpu_the_search_stops_on_out_of_memory_and_the_size_found_trains(batchlab, tmp_path, device):
+    big = ["--model.hidden_sizes", "[8192, 8192]", "--data.n_samples", "2000000", "--trainer.accelerator", "gpu"]
+    tune, out = _tune(batchlab, tmp_path, *big, "--max_val", "4194304", "--steps_per_trial", "1")
+    assert tune["stopped_because"] == "out_of_memory", out
+    assert all("peak_memory_bytes" in t for t in tune["trials"])
+    found = str(tune["batch_size"])
+    result = batchlab("fit", "-c", SEED, *QUIET, *big, "--data.batch_size", found, "--trainer.max_epochs", "1",
+                      "--trainer.log_every_n_steps", "1")
+    assert result.code == 0, result.err
+    assert math.isfinite(load_summary(run_dirs(tmp_path)[-1])["train_loss"])
