@@ -25,9 +25,7 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from batchlab.errors import ConfigError, check
-
-NOTEBOOK_X = [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]]
-NOTEBOOK_Y = [[3.0], [7.0], [11.0], [15.0]]
+from batchlab.notebook import NOTEBOOK_X, NOTEBOOK_Y
 
 
 def make_synthetic(
