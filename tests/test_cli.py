@@ -164,7 +164,9 @@ BAD_INPUT = [
     (["--data.noise", "-1"], "noise=-1.0"),
     (["--data.val_fraction", "1.5"], "val_fraction=1.5"),
     (["--data.predict_x", "[[1,2,3]]"], "has 3 values"),
-    (["--data.no_such_key", "1"], "no_such_key"),
+    (["--data.no_such_key", "1"], "data.no_such_key is not an option of batchlab.data.ToyRegressionData"),
+    (["--data.n_samples", "x"], "data.n_samples='x' is not allowed: use an integer or null"),
+    (["--model.class_path", "nope.Model"], "model.class_path='nope.Model'"),
     (["--model.optimizer", "foo"], "model.optimizer='foo'"),
     (["--model.lr", "-1"], "lr=-1.0"),
 ]

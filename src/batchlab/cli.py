@@ -1,11 +1,14 @@
-"""The ``batchlab`` command: LightningCLI over the toy data and the MLP, with one-line errors.
+"""The ``batchlab`` command: LightningCLI over any LightningModule and LightningDataModule (the toy data and the
+MLP by default), with a ``tune`` subcommand and one-line errors.
 
     batchlab fit -c configs/seed.yaml                      # the notebook's experiment
     batchlab fit -c configs/seed.yaml --data.batch_size 4  # another batch size
     batchlab predict -c configs/seed.yaml --ckpt_path runs/seed/version_0/checkpoints/last.ckpt
     batchlab fit --help                                    # every option, from the constructors' Args
 
-Subcommands are LightningCLI's ``fit``, ``validate``, ``test`` and ``predict``. Configuration is YAML under
+Subcommands are LightningCLI's ``fit``, ``validate``, ``test`` and ``predict``, plus ``tune``. The model and the
+data default to ``batchlab.model.MLPRegressor`` and ``batchlab.data.ToyRegressionData``; ``--model.class_path``
+and ``--data.class_path`` (or a config's ``class_path``) take any other. Configuration is YAML under
 ``configs/``, stacked with repeated ``-c``. Bad input ends in a single ``batchlab: error: ...`` line on stderr and
 exit status 2, never a traceback. Tests call ``main([...])``.
 """
@@ -23,9 +26,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from batchlab.data import ToyRegressionData
 from batchlab.errors import ConfigError
-from batchlab.model import MLPRegressor
 from batchlab.summary import PredictionPrinter, RunSummary, format_summary
 from batchlab.tune import BatchSizeSearch, check_not_distributed, format_tune, run_tune, write_tune
 
@@ -81,7 +82,12 @@ class BatchlabCLI(LightningCLI):
         return {**LightningCLI.subcommands(), "tune": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.n_features", "model.n_features")
+        parser.set_defaults(
+            {"model": {"class_path": "batchlab.model.MLPRegressor"},
+             "data": {"class_path": "batchlab.data.ToyRegressionData"}}
+        )
+        # Applies only where both classes have the argument, as the defaults do.
+        parser.link_arguments("data.init_args.n_features", "model.init_args.n_features")
 
     def before_fit(self) -> None:
         if any(isinstance(c, BatchSizeSearch) for c in self.trainer.callbacks):
@@ -105,8 +111,10 @@ class BatchlabCLI(LightningCLI):
 def make_cli(args: Optional[list[str]] = None, run: bool = True) -> BatchlabCLI:
     """Build (and with ``run``, execute) the CLI for ``args``."""
     return BatchlabCLI(
-        MLPRegressor,
-        ToyRegressionData,
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
         trainer_class=BatchlabTrainer,
         parser_class=BatchlabParser,
         # The optimizer is configured through the model's own lr/optimizer/momentum, the one way batchlab has.
@@ -138,6 +146,23 @@ def main(args: Optional[list[str]] = None) -> None:
     except (ConfigError, ArgumentError, MisconfigurationException, FileNotFoundError) as err:
         print(f"batchlab: error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
+    except ValueError as err:
+        # jsonargparse builds the classes while it checks the types and wraps what their constructors raise.
+        cause = _config_error_in(err)
+        if cause is None:
+            raise
+        print(f"batchlab: error: {one_line(cause)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _config_error_in(err: BaseException) -> Optional[ConfigError]:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 _TYPE_NAMES = {
@@ -153,21 +178,46 @@ _TYPE_NAMES = {
 
 def one_line(err: BaseException) -> str:
     """Condense an error message (jsonargparse's are several indented lines) into one readable line."""
-    text = str(err).strip()
-    key = re.match(r'Parser key "([^"]+)":', text)
-    value = re.search(r"(?:Given|Got) value: (.*)", text)
-    if key and key.group(1) != "config" and value:
-        expected = []
-        for name in re.findall(r"Expected a (<class '[\w.]+'>|typing\.Literal\[[^\]]*\])", text):
-            literal = re.match(r"typing\.Literal\[(.*)\]", name)
-            expected.append("one of " + literal.group(1) if literal else _TYPE_NAMES.get(name[8:-2], name))
-        if expected:
-            allowed = " or ".join(dict.fromkeys(expected))
-            return f"{key.group(1)}={value.group(1).strip()!r} is not allowed: use {allowed}"
-    line = " ".join(line.strip() for line in text.splitlines() if line.strip())
-    if "does not accept option" in line or "unrecognized arguments" in line:
-        line += " (--help lists the accepted keys)"
-    return line
+    return _condense(str(err).strip())
+
+
+def _condense(text: str, prefix: str = "") -> str:
+    m = re.match(r'Parser key "([^"]+)":\s*(.*)', text, re.S)
+    if not m:
+        line = _flat(text)
+        if "does not accept option" in line or "unrecognized arguments" in line:
+            line += " (--help lists the accepted keys)"
+        return line
+    key, rest = prefix + m.group(1), m.group(2)
+    if key == "config":
+        return _flat(rest)
+    # A class given by class_path: jsonargparse lists what failed for the class first, then for null.
+    alternative = re.search(r"Errors:\n\s*- (.*)\n\s*- Expected a <class 'NoneType'>", rest, re.S)
+    if alternative and re.match(r"Problem with given class_path|Import path", alternative.group(1)):
+        inner = alternative.group(1)
+        given = re.match(r"Problem with given class_path '([\w.]+)':\s*(.*)", inner, re.S)
+        if not given:
+            return f"{key}: {_flat(inner)}"
+        class_path, problem = given.group(1), given.group(2).strip()
+        if problem.startswith("Parser key"):
+            return _condense(problem, key + ".")
+        option = re.match(r"Option '(\w+)' is not accepted", problem)
+        if option:
+            return f"{key}.{option.group(1)} is not an option of {class_path} (--help lists the accepted keys)"
+        return f"{key}.class_path={class_path!r} is not allowed: {_flat(problem)}"
+    value = re.search(r"(?:Given|Got) value: (.*)", rest)
+    expected = []
+    for name in re.findall(r"Expected a (<class '[\w.]+'>|typing\.Literal\[[^\]]*\])", rest):
+        literal = re.match(r"typing\.Literal\[(.*)\]", name)
+        expected.append("one of " + literal.group(1) if literal else _TYPE_NAMES.get(name[8:-2], name))
+    if value and expected:
+        allowed = " or ".join(dict.fromkeys(expected))
+        return f"{key}={value.group(1).strip()!r} is not allowed: use {allowed}"
+    return f"{key}: {_flat(rest)}"
+
+
+def _flat(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 if __name__ == "__main__":

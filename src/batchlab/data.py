@@ -153,7 +153,8 @@ class ToyRegressionData(LightningDataModule):
             a held-out split has at least 2 samples.
         test_fraction: Fraction of the samples held out for ``batchlab test``.
         eval_batch_size: Batch size for validation, test and predict; None uses ``batch_size``.
-        predict_x: Inputs that ``predict`` and the end-of-fit summary predict, one row per sample.
+        predict_x: Inputs that ``predict`` and the end-of-fit summary predict, one row per sample; None gives the
+            notebook's [[10, 11]] (with more features, [[10, 11, 12, ...]]).
         on_device: Keep the whole data set on the training device, moved there once; False moves each batch.
     """
 
@@ -170,7 +171,7 @@ class ToyRegressionData(LightningDataModule):
         val_fraction: float = 0.0,
         test_fraction: float = 0.0,
         eval_batch_size: Optional[int] = None,
-        predict_x: list[list[float]] = [[10.0, 11.0]],  # noqa: B006 (jsonargparse needs a literal default)
+        predict_x: Optional[list[list[float]]] = None,
         on_device: bool = True,
     ) -> None:
         super().__init__()
@@ -196,6 +197,8 @@ class ToyRegressionData(LightningDataModule):
         )
         if eval_batch_size is not None:
             _check_positive_int("eval_batch_size", eval_batch_size)
+        if predict_x is None:
+            predict_x = [[10.0 + i for i in range(n_features)]]
         check(len(predict_x) > 0, "predict_x=[] is not allowed: give at least one row")
         for row in predict_x:
             check(
@@ -204,6 +207,7 @@ class ToyRegressionData(LightningDataModule):
             )
             check(all(math.isfinite(v) for v in row), f"predict_x row {list(row)} is not allowed: values must be finite")
         self.save_hyperparameters()
+        self.hparams.predict_x = predict_x
         n = n_samples if n_samples is not None else len(NOTEBOOK_X)
         n_val, n_test = _split_size(n, val_fraction), _split_size(n, test_fraction)
         check(
