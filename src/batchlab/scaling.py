@@ -1,0 +1,195 @@
+"""The science of the batch-size study: gradient noise scale estimators and the fits that turn measurements into
+a recommendation. Pure functions on tensors and numbers; ``batchlab.study`` runs the measurements.
+
+- McCandlish et al. 2018, "An Empirical Model of Large-Batch Training": steps to a given loss follow
+  S(B) = S_min (1 + B_crit / B), examples E = B S, B_crit = E_min / S_min, and the simple noise scale
+  B_simple = tr(Sigma) / |G|^2 predicts B_crit. With gradients of the mean loss over batches of B_small and B_big
+  examples, E|G_B|^2 = |G|^2 + tr(Sigma) / B gives the unbiased estimates
+  |G|^2 ~ (B_big |G_big|^2 - B_small |G_small|^2) / (B_big - B_small) and
+  tr(Sigma) ~ (|G_small|^2 - |G_big|^2) / (1 / B_small - 1 / B_big); per-example gradients are B_small = 1.
+  Numerators and denominators are averaged separately, then divided.
+- With time per step t(B) = alpha + beta B, time to target T(B) = S(B) t(B) is least at
+  B* = sqrt(B_crit alpha / beta).
+
+Written here because no library computes these: they are a few lines of algebra on gradient norms.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class NoiseSample:
+    """One unbiased estimate of |G|^2 (``g2``) and tr(Sigma) (``trace``) from one batch."""
+
+    g2: float
+    trace: float
+
+
+def estimate_from_norms(g2_small: float, g2_big: float, b_small: int, b_big: int) -> NoiseSample:
+    """Unbiased |G|^2 and tr(Sigma) from the squared norms of mean-loss gradients at two batch sizes."""
+    if not b_big > b_small >= 1:
+        raise ValueError(f"need b_big > b_small >= 1, got b_small={b_small}, b_big={b_big}")
+    g2 = (b_big * g2_big - b_small * g2_small) / (b_big - b_small)
+    trace = (g2_small - g2_big) / (1 / b_small - 1 / b_big)
+    return NoiseSample(g2, trace)
+
+
+def b_simple(samples: Sequence[NoiseSample]) -> float:
+    """B_simple = mean tr(Sigma) / mean |G|^2, averaged separately as McCandlish et al. recommend; ``inf`` when the
+    mean |G|^2 estimate is not positive (the gradient is lost in the noise)."""
+    g2 = sum(s.g2 for s in samples) / len(samples)
+    trace = sum(s.trace for s in samples) / len(samples)
+    return trace / g2 if g2 > 0 else math.inf
+
+
+def ema(values: Sequence[float], decay: float) -> list[float]:
+    """Exponential moving averages of ``values`` (bias-corrected, as Adam's are)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = decay * avg + (1 - decay) * v
+        out.append(avg / (1 - decay**i))
+    return out
+
+
+LossFn = Callable[[tuple[Tensor, ...]], Tensor]
+
+
+def per_example_noise(module: nn.Module, loss_fn: LossFn, batch: tuple[Tensor, ...]) -> NoiseSample:
+    """|G|^2 and tr(Sigma) from the per-example gradients of one batch (B_small = 1, B_big = len(batch)).
+
+    ``loss_fn(batch)`` returns the mean loss of a batch, computed with ``module``'s parameters; per-example
+    gradients come from ``torch.func.vmap`` over ``torch.func.grad``. Raises whatever torch.func raises where the
+    model cannot be vmapped (batch norm in training mode, data-dependent control flow...).
+    """
+    from torch.func import functional_call, grad, vmap
+
+    wrapper = _LossModule(module, loss_fn)
+    params = {f"inner.{n}": p.detach() for n, p in module.named_parameters() if p.requires_grad}
+    buffers = {f"inner.{n}": b for n, b in module.named_buffers()}
+
+    def example_loss(p: dict[str, Tensor], *example: Tensor) -> Tensor:
+        return functional_call(wrapper, (p, buffers), args=(tuple(t.unsqueeze(0) for t in example),))
+
+    grads = vmap(grad(example_loss), in_dims=(None, *([0] * len(batch))))(params, *batch)
+    per_example_sq = sum(g.flatten(1).pow(2).sum(1) for g in grads.values())  # |g_i|^2, shape (B,)
+    mean_grad_sq = sum(g.mean(0).pow(2).sum() for g in grads.values())  # |G_B|^2
+    return estimate_from_norms(per_example_sq.mean().item(), mean_grad_sq.item(), 1, len(batch[0]))
+
+
+class _LossModule(nn.Module):
+    """Holds ``module`` so that ``functional_call`` can swap its parameters under an arbitrary loss function."""
+
+    def __init__(self, module: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.inner = module
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: tuple[Tensor, ...]) -> Tensor:
+        return self.loss_fn(batch)
+
+
+def two_batch_noise(module: nn.Module, loss_fn: LossFn, batch: tuple[Tensor, ...], b_small: int) -> NoiseSample:
+    """|G|^2 and tr(Sigma) from the gradient norm of a whole batch (B_big) and of its chunks of ``b_small``.
+
+    Needs only ordinary autograd, so it works for any model; this is what data parallelism gives for free, with
+    the per-device batch as B_small.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    b_big = len(batch[0])
+
+    def sq_norm(part: tuple[Tensor, ...]) -> float:
+        grads = torch.autograd.grad(loss_fn(part), params)
+        return sum(g.pow(2).sum() for g in grads).item()
+
+    chunks = [tuple(t[i : i + b_small] for t in batch) for i in range(0, b_big - b_small + 1, b_small)]
+    g2_small = sum(sq_norm(c) for c in chunks) / len(chunks)
+    return estimate_from_norms(g2_small, sq_norm(batch), b_small, b_big)
+
+
+@dataclass
+class ScalingFit:
+    """S(B) = s_min (1 + b_crit / B), from steps-to-target measurements."""
+
+    s_min: float
+    e_min: float
+    b_crit: float
+
+    def steps(self, b: float) -> float:
+        return self.s_min * (1 + self.b_crit / b)
+
+
+def fit_steps(batch_sizes: Sequence[float], steps: Sequence[float]) -> Optional[ScalingFit]:
+    """Least-squares fit of S = S_min + E_min / B in relative error (weights 1/S), both terms kept >= 0.
+
+    The model is linear in (S_min, E_min), so this is a weighted linear least squares; a negative coefficient is
+    pinned to zero and the other refitted. Returns None with fewer than two distinct batch sizes.
+    """
+    pts = [(float(b), float(s)) for b, s in zip(batch_sizes, steps) if s > 0 and b > 0]
+    if len({b for b, _ in pts}) < 2:
+        return None
+    rows = torch.tensor([[1.0 / s, 1.0 / (b * s)] for b, s in pts], dtype=torch.float64)
+    rhs = torch.ones(len(pts), dtype=torch.float64)
+    coef = torch.linalg.lstsq(rows, rhs.unsqueeze(1)).solution.squeeze(1)
+    s_min, e_min = coef.tolist()
+    if e_min <= 0:
+        s_min, e_min = _one_term(rows[:, 0], rhs), 0.0
+    elif s_min <= 0:
+        s_min, e_min = 0.0, _one_term(rows[:, 1], rhs)
+    b_crit = e_min / s_min if s_min > 0 else math.inf
+    return ScalingFit(s_min, e_min, b_crit)
+
+
+def _one_term(column: Tensor, rhs: Tensor) -> float:
+    return float((column @ rhs) / (column @ column))
+
+
+@dataclass
+class ThroughputFit:
+    """Time per optimizer step t(B) = alpha + beta B, in seconds."""
+
+    alpha: float
+    beta: float
+
+    def step_time(self, b: float) -> float:
+        return self.alpha + self.beta * b
+
+
+def fit_throughput(batch_sizes: Sequence[float], step_times: Sequence[float]) -> ThroughputFit:
+    """Least-squares fit of t = alpha + beta B in relative error (weights 1/t), since t spans decades.
+
+    Both coefficients are kept >= 0, as for ``fit_steps``.
+    """
+    rows = torch.tensor([[1.0 / t, b / t] for b, t in zip(batch_sizes, step_times)], dtype=torch.float64)
+    rhs = torch.ones(len(rows), dtype=torch.float64)
+    if len(set(batch_sizes)) < 2:
+        return ThroughputFit(float(sum(step_times) / len(step_times)), 0.0)
+    alpha, beta = torch.linalg.lstsq(rows, rhs.unsqueeze(1)).solution.squeeze(1).tolist()
+    if beta <= 0:
+        return ThroughputFit(_one_term(rows[:, 0], rhs), 0.0)
+    if alpha <= 0:
+        return ThroughputFit(0.0, _one_term(rows[:, 1], rhs))
+    return ThroughputFit(alpha, beta)
+
+
+def optimal_batch_size(b_noise: float, throughput: ThroughputFit) -> float:
+    """B* = sqrt(B_noise alpha / beta), the batch size with the least S(B) t(B); ``inf`` without a per-sample cost."""
+    if throughput.beta <= 0 or not math.isfinite(b_noise) or b_noise <= 0:
+        return math.inf if throughput.beta <= 0 else float("nan")
+    return math.sqrt(b_noise * throughput.alpha / throughput.beta)
+
+
+def nearest_in_grid(value: float, grid: Sequence[int]) -> int:
+    """The grid's batch size closest to ``value`` in log scale (its ends for values beyond them)."""
+    if math.isnan(value):
+        raise ValueError("no batch size near nan")
+    if math.isinf(value):
+        return max(grid)
+    return min(grid, key=lambda b: abs(math.log(b) - math.log(max(value, 1e-12))))

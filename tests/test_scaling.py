@@ -1,0 +1,121 @@
+"""The study's science against closed forms: gradient noise scale estimators on a linear model with label noise,
+and the fits of S(B) and t(B) on points made from known parameters."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from batchlab.scaling import (
+    NoiseSample, ScalingFit, ThroughputFit, b_simple, ema, estimate_from_norms, fit_steps, fit_throughput,
+    nearest_in_grid, optimal_batch_size, per_example_noise, two_batch_noise,
+)
+
+
+def _linear_problem(d: int, sigma: float, distance: float, seed: int = 0):
+    """A bias-free linear model at distance ``distance`` from w*, data x ~ N(0, I), y = w*.x + N(0, sigma^2).
+
+    For the MSE, B_simple = tr(Sigma) / |G|^2 = (d + 1) + d sigma^2 / |w - w*|^2 (the noise scale of the
+    issue's closed form, derived with E[(delta.x)^2 |x|^2] = (d + 2)|delta|^2 for Gaussian x).
+    """
+    g = torch.Generator().manual_seed(seed)
+    w_star = torch.randn(d, 1, generator=g, dtype=torch.float64)
+    delta = torch.randn(d, 1, generator=g, dtype=torch.float64)
+    delta = delta / delta.norm() * distance
+    model = nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_((w_star + delta).T)
+
+    def batches(n_batches: int, size: int):
+        for _ in range(n_batches):
+            x = torch.randn(size, d, generator=g, dtype=torch.float64)
+            yield x, x @ w_star + sigma * torch.randn(size, 1, generator=g, dtype=torch.float64)
+
+    def loss_fn(batch):
+        x, y = batch
+        return ((model(x) - y) ** 2).mean()
+
+    closed_form = (d + 1) + d * sigma**2 / distance**2
+    return model, loss_fn, batches, closed_form
+
+
+@pytest.mark.parametrize(("d", "sigma", "distance"), [(2, 0.0, 1.0), (4, 1.0, 1.0), (8, 2.0, 0.5), (3, 1.0, 3.0)])
+def test_per_example_estimator_matches_the_closed_form(d, sigma, distance):
+    model, loss_fn, batches, closed_form = _linear_problem(d, sigma, distance)
+    samples = [per_example_noise(model, loss_fn, b) for b in batches(300, 256)]
+    assert b_simple(samples) == pytest.approx(closed_form, rel=0.06)
+    g2 = sum(s.g2 for s in samples) / len(samples)
+    assert g2 == pytest.approx(4 * distance**2, rel=0.06), "|G|^2 = |2 delta|^2 for the MSE"
+
+
+@pytest.mark.parametrize(("d", "sigma", "distance", "b_small"), [(4, 1.0, 1.0, 8), (8, 2.0, 0.5, 16)])
+def test_two_batch_estimator_matches_the_closed_form(d, sigma, distance, b_small):
+    model, loss_fn, batches, closed_form = _linear_problem(d, sigma, distance, seed=1)
+    samples = [two_batch_noise(model, loss_fn, b, b_small) for b in batches(300, 256)]
+    assert b_simple(samples) == pytest.approx(closed_form, rel=0.08)
+
+
+def test_both_estimators_agree_on_the_same_batches():
+    model, loss_fn, batches, _ = _linear_problem(4, 1.0, 1.0, seed=2)
+    data = list(batches(200, 128))
+    per_example = b_simple([per_example_noise(model, loss_fn, b) for b in data])
+    two_batch = b_simple([two_batch_noise(model, loss_fn, b, 16) for b in data])
+    assert per_example == pytest.approx(two_batch, rel=0.1)
+
+
+@pytest.mark.parametrize(("g2", "trace", "b_small", "b_big"), [(2.0, 30.0, 1, 64), (0.5, 4.0, 8, 512)])
+def test_norm_estimator_inverts_the_expected_norms_exactly(g2, trace, b_small, b_big):
+    sample = estimate_from_norms(g2 + trace / b_small, g2 + trace / b_big, b_small, b_big)
+    assert sample.g2 == pytest.approx(g2) and sample.trace == pytest.approx(trace)
+    with pytest.raises(ValueError):
+        estimate_from_norms(1.0, 1.0, 8, 8)
+
+
+def test_b_simple_averages_numerator_and_denominator_separately():
+    samples = [NoiseSample(g2=1.0, trace=10.0), NoiseSample(g2=3.0, trace=10.0)]
+    assert b_simple(samples) == pytest.approx(10.0 / 2.0)  # not the mean of 10 and 3.33
+    assert b_simple([NoiseSample(g2=-0.1, trace=5.0)]) == math.inf
+
+
+def test_ema_is_bias_corrected():
+    assert ema([4.0, 4.0, 4.0], 0.9) == pytest.approx([4.0, 4.0, 4.0])
+    values = ema([0.0, 10.0], 0.5)
+    assert values[0] == 0.0 and values[1] == pytest.approx(10.0 * 0.5 / 0.75)
+
+
+@pytest.mark.parametrize(("s_min", "b_crit"), [(100.0, 5.0), (40.0, 300.0), (1000.0, 0.5)])
+def test_fit_steps_recovers_known_parameters(s_min, b_crit):
+    grid = [2**k for k in range(13)]
+    truth = ScalingFit(s_min, s_min * b_crit, b_crit)
+    fit = fit_steps(grid, [truth.steps(b) for b in grid])
+    assert fit.s_min == pytest.approx(s_min, rel=1e-6) and fit.b_crit == pytest.approx(b_crit, rel=1e-6)
+    assert fit.e_min == pytest.approx(s_min * b_crit, rel=1e-6)
+    noise = torch.Generator().manual_seed(0)
+    noisy = [truth.steps(b) * (1 + 0.05 * torch.randn(1, generator=noise).item()) for b in grid]
+    fit = fit_steps(grid, noisy)
+    assert fit.s_min == pytest.approx(s_min, rel=0.1) and fit.b_crit == pytest.approx(b_crit, rel=0.25)
+
+
+def test_fit_steps_pins_a_negative_term_and_needs_two_batch_sizes():
+    fit = fit_steps([1, 2, 4, 8], [100.0, 101.0, 99.0, 100.0])  # no benefit from larger batches
+    assert fit.b_crit == pytest.approx(0.0, abs=0.05) and fit.s_min == pytest.approx(100.0, rel=0.02)
+    fit = fit_steps([1, 2, 4, 8], [800.0, 400.0, 200.0, 100.0])  # perfect scaling all the way
+    assert fit.s_min == pytest.approx(0.0, abs=1e-9) and fit.b_crit > 1e6 and fit.e_min == pytest.approx(800.0)
+    assert fit_steps([4, 4], [10.0, 12.0]) is None
+
+
+def test_fit_throughput_recovers_alpha_and_beta():
+    grid = [2**k for k in range(17)]
+    fit = fit_throughput(grid, [2e-3 + 1e-7 * b for b in grid])
+    assert fit.alpha == pytest.approx(2e-3, rel=1e-6) and fit.beta == pytest.approx(1e-7, rel=1e-6)
+    flat = fit_throughput(grid, [1e-3] * len(grid))
+    assert flat.beta == pytest.approx(0.0, abs=1e-15) and flat.alpha == pytest.approx(1e-3)
+
+
+def test_optimal_batch_size_and_nearest_grid_point():
+    assert optimal_batch_size(5.0, ThroughputFit(2e-3, 1e-7)) == pytest.approx(math.sqrt(5 * 2e-3 / 1e-7))
+    assert optimal_batch_size(5.0, ThroughputFit(2e-3, 0.0)) == math.inf
+    assert nearest_in_grid(300.0, [1, 2, 4, 256, 512]) == 256
+    assert nearest_in_grid(400.0, [1, 2, 4, 256, 512]) == 512
+    assert nearest_in_grid(math.inf, [1, 2, 4]) == 4 and nearest_in_grid(0.1, [1, 2, 4]) == 1
