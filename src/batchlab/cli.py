@@ -16,11 +16,13 @@ exit status 2, never a traceback. Tests call ``main([...])``.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import warnings
 from typing import Any, Literal, Optional
 
+import yaml
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -41,7 +43,13 @@ class BatchlabParser(LightningArgumentParser):
 
 
 class BatchlabTrainer(Trainer):
-    """Lightning's Trainer plus ``tune``, which LightningCLI turns into the ``batchlab tune`` subcommand."""
+    """Lightning's Trainer plus ``tune`` and ``study``, which LightningCLI turns into subcommands."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # The study builds a fresh Trainer for each of its runs from these (accelerator, devices, precision...).
+        self.init_kwargs = dict(kwargs)
+        self.study_config: Optional[dict[str, Any]] = None
+        super().__init__(*args, **kwargs)
 
     def tune(
         self,
@@ -74,12 +82,91 @@ class BatchlabTrainer(Trainer):
         return result
 
 
+    def study(
+        self,
+        model: LightningModule,
+        datamodule: Optional[LightningDataModule] = None,
+        target: Optional[float] = None,
+        monitor: str = "val/loss",
+        mode: Literal["min", "max"] = "min",
+        grid: Optional[list[int]] = None,
+        max_batch_size: Optional[int] = None,
+        lr_rule: Literal["none", "linear", "sqrt"] = "sqrt",
+        base_lr: Optional[float] = None,
+        base_batch_size: Optional[int] = None,
+        lr_factors: list[float] = [0.5, 1.0, 2.0],  # noqa: B006 (jsonargparse needs a literal default)
+        lr_extend: int = 2,
+        max_steps: int = 2000,
+        check_every: int = 5,
+        warmup_steps: int = 5,
+        throughput_steps: int = 20,
+        gns_batch_size: Optional[int] = None,
+        gns_points: int = 8,
+        gns_steps: int = 200,
+        gns_batches: int = 4,
+        quick: bool = False,
+        out: str = "studies/study",
+        fresh: bool = False,
+    ) -> dict[str, Any]:
+        """Measure speed and steps to a target per batch size, and recommend the one that gets there soonest.
+
+        Args:
+            model: The model, from the config; every run starts from its initial weights.
+            datamodule: The data, from the config.
+            target: Value of ``monitor`` to reach (required unless ``quick``); keep it above the noise floor.
+            monitor: Validation metric the model logs.
+            mode: ``min`` (reach at or below the target) or ``max``.
+            grid: Batch sizes to measure; default: powers of two from 1 to the training set size (and, on a GPU,
+                the largest that fits in memory). 2 and 32 are always added where the data allows.
+            max_batch_size: Cap on the default grid.
+            lr_rule: How the LR grid is centred at each B from ``base_lr`` at ``base_batch_size``: ``none``
+                (the same LR), ``linear`` (LR x B / base) or ``sqrt``. A fixed LR: ``none`` with
+                ``lr_factors [1]`` and ``lr_extend 0``.
+            base_lr: LR the rule starts from; default: the model's ``lr`` (or ``learning_rate``).
+            base_batch_size: Batch size of ``base_lr``; default: the configured batch size.
+            lr_factors: LRs tried at each B, as multiples of the centre.
+            lr_extend: Extra LRs tried beyond the grid's edge, each way, while the best LR is at that edge.
+            max_steps: Step budget of one trial.
+            check_every: Validate every this many optimizer steps; steps to target are multiples of it.
+            warmup_steps: Steps excluded from the timing of each throughput run.
+            throughput_steps: Steps timed per batch size.
+            gns_batch_size: Batch size of the gradient-noise estimates (large is better); default min(1024, data).
+            gns_points: Points of the reference run at which the noise scale is measured.
+            gns_steps: Length of the reference run (it stops earlier at the target).
+            gns_batches: Batches averaged at each point.
+            quick: Skip the steps-to-target sweep: recommend sqrt(B_simple alpha / beta) in seconds.
+            out: The study's folder; rerunning with the same configuration resumes it.
+            fresh: Start a new study in a new folder beside ``out`` instead of resuming.
+        """
+        from batchlab.report import format_study, write_report
+        from batchlab.study import Study, StudySettings
+
+        settings = StudySettings(
+            target=target, monitor=monitor, mode=mode, grid=grid, max_batch_size=max_batch_size, lr_rule=lr_rule,
+            base_lr=base_lr, base_batch_size=base_batch_size, lr_factors=list(lr_factors), lr_extend=lr_extend,
+            max_steps=max_steps, check_every=check_every, warmup_steps=warmup_steps,
+            throughput_steps=throughput_steps, gns_batch_size=gns_batch_size, gns_points=gns_points,
+            gns_steps=gns_steps, gns_batches=gns_batches, seed=_seed(), quick=quick, out=out, fresh=fresh,
+        )
+        study = Study(model, datamodule, self.init_kwargs, settings, self.study_config)
+        summary = study.run()
+        trials = [] if quick else [t for b in summary["grid"] for t in study.sweeps[b]]
+        written = write_report(study.folder.root, summary, trials, study.gns)
+        print(format_study(summary, written))
+        return summary
+
+
+def _seed() -> int:
+    """The run's seed (``--seed_everything``), which every study run reuses so that all start alike."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
 class BatchlabCLI(LightningCLI):
     """LightningCLI with the model's input width linked to the data's and a ``tune`` subcommand."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "tune": {"model", "datamodule"}}
+        return {**LightningCLI.subcommands(), "tune": {"model", "datamodule"}, "study": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults(
@@ -95,6 +182,15 @@ class BatchlabCLI(LightningCLI):
 
     def before_tune(self) -> None:
         check_not_distributed(self.trainer)
+
+    def before_study(self) -> None:
+        # What the study measures, for its fingerprint: the configuration less what only says where to write.
+        config = yaml.safe_load(self._parser("study").dump(self.config["study"], skip_none=False))
+        for key in ("out", "fresh", "quick", "config"):
+            config.pop(key, None)
+        for key in ("logger", "callbacks", "enable_progress_bar", "enable_model_summary", "default_root_dir"):
+            config.get("trainer", {}).pop(key, None)
+        self.trainer.study_config = config
 
     # Reports are printed here rather than in the callbacks so that they come after the progress bar's last line.
     def after_fit(self) -> None:
@@ -138,9 +234,24 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
 
 
+# Switches that read as plain flags (``batchlab study --quick``); jsonargparse's booleans want a value.
+_SWITCHES = {"--quick", "--fresh"}
+
+
+def _expand_switches(args: list[str]) -> list[str]:
+    out = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        following = args[i + 1].lower() if i + 1 < len(args) else None
+        if arg in _SWITCHES and following not in ("true", "false", "yes", "no", "1", "0"):
+            out.append("true")
+    return out
+
+
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``batchlab`` command."""
     _quiet_lightning()
+    args = _expand_switches(sys.argv[1:] if args is None else list(args))
     try:
         make_cli(args)
     except (ConfigError, ArgumentError, MisconfigurationException, FileNotFoundError) as err:
