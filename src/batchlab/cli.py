@@ -169,12 +169,13 @@ class BatchlabCLI(LightningCLI):
         return {**LightningCLI.subcommands(), "tune": {"model", "datamodule"}, "study": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.set_defaults(
-            {"model": {"class_path": "batchlab.model.MLPRegressor"},
-             "data": {"class_path": "batchlab.data.ToyRegressionData"}}
-        )
-        # Applies only where both classes have the argument, as the defaults do.
+        # Applies only where both classes have the argument, as batchlab's own do.
         parser.link_arguments("data.init_args.n_features", "model.init_args.n_features")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        if isinstance(args, list):
+            args = with_default_classes(args, self.subcommands())
+        super().parse_arguments(parser, args)
 
     def before_fit(self) -> None:
         if any(isinstance(c, BatchSizeSearch) for c in self.trainer.callbacks):
@@ -185,9 +186,8 @@ class BatchlabCLI(LightningCLI):
 
     def before_study(self) -> None:
         # What the study measures, for its fingerprint: the configuration less what only says where to write.
-        config = yaml.safe_load(self._parser("study").dump(self.config["study"], skip_none=False))
-        for key in ("out", "fresh", "quick", "config"):
-            config.pop(key, None)
+        dumped = yaml.safe_load(self._parser("study").dump(self.config["study"], skip_none=False))
+        config = {k: dumped.get(k) for k in ("seed_everything", "trainer", "model", "data")}
         for key in ("logger", "callbacks", "enable_progress_bar", "enable_model_summary", "default_root_dir"):
             config.get("trainer", {}).pop(key, None)
         self.trainer.study_config = config
@@ -232,6 +232,36 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message="Total length of .* across ranks is zero")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+
+
+DEFAULT_CLASSES = {"model": "batchlab.model.MLPRegressor", "data": "batchlab.data.ToyRegressionData"}
+
+
+def with_default_classes(args: list[str], subcommands: Any) -> list[str]:
+    """Name batchlab's model and data classes in ``args`` unless the flags or a config file name others.
+
+    Not a parser default: jsonargparse carries a default class's init_args over to the class a user names in its
+    place when they share a name (a user's ``lr`` or ``batch_size`` would silently take batchlab's values).
+    """
+    at = next((i for i, a in enumerate(args) if a in subcommands), None)
+    if at is None:
+        return args
+    given = set()
+    for i, arg in enumerate(args[at + 1 :], start=at + 1):
+        for key in DEFAULT_CLASSES:
+            if arg in (f"--{key}", f"--{key}.class_path") or arg.startswith((f"--{key}=", f"--{key}.class_path=")):
+                given.add(key)
+        if arg in ("-c", "--config") and i + 1 < len(args):
+            try:
+                config = yaml.safe_load(open(args[i + 1]))
+            except (OSError, yaml.YAMLError):
+                continue  # the parser reports it
+            for key in DEFAULT_CLASSES:
+                value = config.get(key) if isinstance(config, dict) else None
+                if isinstance(value, str) or (isinstance(value, dict) and "class_path" in value):
+                    given.add(key)
+    extra = [x for key, path in DEFAULT_CLASSES.items() if key not in given for x in (f"--{key}.class_path", path)]
+    return args[: at + 1] + extra + args[at + 1 :]
 
 
 # Switches that read as plain flags (``batchlab study --quick``); jsonargparse's booleans want a value.

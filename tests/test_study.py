@@ -1,0 +1,203 @@
+"""``batchlab study`` end to end on tiny studies: every output written, resume without repeating a trial, a
+different config refused, divergence recorded, the quick mode, and a second, different model and data."""
+
+import csv
+import json
+import math
+
+import pytest
+from conftest import CONFIGS, scalars
+
+from batchlab import study as study_module
+
+STUDY = str(CONFIGS / "study.yaml")
+TINY = [
+    "study", "-c", STUDY, "--data.n_samples", "2304", "--data.val_fraction", "0.111111", "--data.eval_batch_size",
+    "256", "--grid", "[8, 64, 256]", "--target", "1.5", "--max_steps", "300", "--lr_factors", "[1, 2]",
+    "--lr_extend", "0", "--gns_steps", "40", "--gns_points", "3", "--gns_batch_size", "256", "--gns_batches", "2",
+    "--throughput_steps", "5", "--warmup_steps", "2", "--out", "study",
+]
+SUMMARY_KEYS = {
+    "recommended_batch_size", "recommended_lr", "b_crit", "s_min", "e_min", "b_simple", "alpha_s", "beta_s",
+    "memory_max_batch_size", "target", "monitor", "grid", "quick_recommended_batch_size", "quick_regret",
+    "within_10_percent", "regret",
+}
+
+
+def _files(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_tiny_study_writes_every_output(batchlab, tmp_path):
+    result = batchlab(*TINY)
+    assert result.code == 0, result.err
+    root = tmp_path / "study"
+    summary = json.loads((root / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["grid"] == [2, 8, 32, 64, 256], "2 and 32 are always measured"
+    assert summary["memory_max_batch_size"] is None and summary["memory_bound"] is False
+    best = summary["recommended_batch_size"]
+    assert best in summary["grid"] and summary["regret"][str(best)] == 1.0
+    assert best in summary["within_10_percent"]
+    assert all(r is None or r >= 1.0 for r in summary["regret"].values())
+    assert summary["alpha_s"] >= 0 and summary["beta_s"] >= 0 and summary["b_simple"] > 0
+    entry = next(e for e in summary["batch_sizes"] if e["batch_size"] == best)
+    assert entry["time_to_target_s"] == pytest.approx(entry["steps"] * entry["step_s"])
+    assert entry["lr"] == summary["recommended_lr"]
+
+    trial_files = list((root / "trials").glob("*.json"))
+    rows = list(csv.DictReader((root / "results.csv").open()))
+    assert len(rows) == len(trial_files) == 5 * 2
+    assert {r["status"] for r in rows} <= {"reached", "budget", "pruned", "diverged"}
+    for row in rows:
+        if row["status"] == "reached":
+            assert int(row["steps"]) % 5 == 0 and int(row["samples"]) >= int(row["steps"]) * int(row["batch_size"]) - 256
+    for plot in ("steps_to_target.png", "throughput.png", "time_to_target.png", "curves.png", "noise_scale.png"):
+        assert (root / plot).stat().st_size > 1000, plot
+    report = (root / "report.md").read_text()
+    assert "| B | best lr |" in report and "![time_to_target.png](time_to_target.png)" in report
+    assert "Recommended batch size" in result.out and "studies" not in summary["folder"]
+
+    runs = sorted((root / "tensorboard").iterdir())
+    reached = [e["batch_size"] for e in summary["batch_sizes"] if e["steps"] is not None]
+    assert [r.name for r in runs] == [f"bs{b:07d}" for b in reached]
+    tags = scalars(runs[0])
+    curve = tags["val/loss_vs_samples"]
+    assert [s for s, _ in curve] == sorted(s for s, _ in curve) and curve[-1][1] <= 1.5
+    assert tags["hp/steps_to_target"][-1][1] == summary["batch_sizes"][summary["grid"].index(reached[0])]["steps"]
+
+
+def test_rerunning_a_finished_study_repeats_no_measurement(batchlab, tmp_path, monkeypatch):
+    assert batchlab(*TINY).code == 0
+    summary = (tmp_path / "study" / "summary.json").read_text()
+    measurements = {k: v for k, v in _files(tmp_path / "study").items() if k.parts[0] in ("trials", "throughput")}
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("a finished measurement was repeated")
+
+    monkeypatch.setattr(study_module.Study, "_fit", no_fit)
+    result = batchlab(*TINY)
+    assert result.code == 0, result.err
+    assert (tmp_path / "study" / "summary.json").read_text() == summary
+    after = {k: v for k, v in _files(tmp_path / "study").items() if k.parts[0] in ("trials", "throughput")}
+    assert after == measurements
+
+
+def test_an_interrupted_study_keeps_finished_trials_and_runs_only_the_rest(batchlab, tmp_path, monkeypatch):
+    real = study_module.Study._run_trial
+    calls = []
+
+    def interrupted_after_three(self, batch_size, lr, *args):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append((batch_size, round(lr, 12)))
+        return real(self, batch_size, lr, *args)
+
+    monkeypatch.setattr(study_module.Study, "_run_trial", interrupted_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        batchlab(*TINY)
+    assert len(list((tmp_path / "study" / "trials").glob("*.json"))) == 3
+    first = list(calls)
+    calls.clear()
+
+    def counted(self, batch_size, lr, *args):
+        calls.append((batch_size, round(lr, 12)))
+        return real(self, batch_size, lr, *args)
+
+    monkeypatch.setattr(study_module.Study, "_run_trial", counted)
+    assert batchlab(*TINY).code == 0
+    assert not set(calls) & set(first), "no finished trial ran again"
+    assert len(calls) == 10 - 3
+
+
+def test_a_folder_made_with_another_config_is_refused_and_kept(batchlab, tmp_path):
+    assert batchlab(*TINY).code == 0
+    before = _files(tmp_path / "study")
+    changed = [a if a != "1.5" else "1.4" for a in TINY]
+    result = batchlab(*changed)
+    assert result.code == 2
+    last = result.err.strip().splitlines()[-1]
+    assert "different configuration (changed: study.target)" in last and "--fresh" in last
+    assert _files(tmp_path / "study") == before
+    result = batchlab(*changed, "--fresh")
+    assert result.code == 0, result.err
+    assert _files(tmp_path / "study") == before
+    assert json.loads((tmp_path / "study-2" / "summary.json").read_text())["target"] == 1.4
+
+
+def test_a_diverging_learning_rate_is_recorded_not_a_crash(batchlab, tmp_path):
+    args = [a for a in TINY]
+    args[args.index("[8, 64, 256]")] = "[8]"
+    result = batchlab(*args, "--base_lr", "5.0", "--base_batch_size", "8", "--lr_factors", "[1]")
+    assert result.code == 0, result.err
+    rows = list(csv.DictReader((tmp_path / "study" / "results.csv").open()))
+    assert {r["status"] for r in rows} == {"diverged"}
+    summary = json.loads((tmp_path / "study" / "summary.json").read_text())
+    assert summary["recommended_batch_size"] is None and "nothing reached the target" in summary["recommended_by"]
+
+
+def test_quick_mode_recommends_from_noise_scale_and_throughput_alone(batchlab, tmp_path):
+    result = batchlab(*[a for a in TINY if a not in ()], "--quick")
+    assert result.code == 0, result.err
+    root = tmp_path / "study"
+    quick = json.loads((root / "quick.json").read_text())
+    assert quick["quick"] is True and not (root / "trials").exists() and not (root / "summary.json").exists()
+    expected = math.sqrt(quick["b_simple"] * quick["alpha_s"] / quick["beta_s"]) if quick["beta_s"] > 0 else math.inf
+    assert quick["quick_b_star"] == pytest.approx(expected)
+    assert quick["recommended_batch_size"] == quick["quick_recommended_batch_size"] in quick["grid"]
+    gns = json.loads((root / "gns.json").read_text())
+    assert gns["method"] == "per_example" and len(gns["points"]) == 3
+    assert [p["step"] for p in gns["points"]] == [0, 20, 40]
+    assert (root / "quick.md").is_file() and "(quick)" in result.out
+    # A full study in the same folder reuses the noise scale and the throughput already measured.
+    assert batchlab(*TINY).code == 0
+    assert json.loads((root / "gns.json").read_text()) == gns
+
+
+def test_any_lightning_module_and_datamodule_by_class_path(batchlab, tmp_path):
+    result = batchlab(
+        "study", "--model.class_path", "study_models.Classifier", "--data.class_path", "study_models.Blobs",
+        "--seed_everything", "0", "--trainer.accelerator", "cpu", "--monitor", "val/acc", "--mode", "max",
+        "--target", "0.9", "--grid", "[4, 64]", "--max_steps", "200", "--lr_factors", "[1, 3]", "--lr_extend", "0",
+        "--lr_rule", "none", "--gns_steps", "20", "--gns_points", "2", "--gns_batch_size", "128",
+        "--throughput_steps", "5", "--warmup_steps", "2", "--out", "other",
+    )
+    assert result.code == 0, result.err
+    summary = json.loads((tmp_path / "other" / "summary.json").read_text())
+    assert summary["monitor"] == "val/acc" and summary["mode"] == "max"
+    assert summary["base_lr"] == 1e-3 and summary["base_batch_size"] == 16
+    assert summary["recommended_batch_size"] in (2, 4, 32, 64)
+    assert summary["b_simple_method"] == "per_example"
+    rows = list(csv.DictReader((tmp_path / "other" / "results.csv").open()))
+    assert {float(r["lr"]) for r in rows} == {1e-3, 3e-3}
+    assert any(r["status"] == "reached" and float(r["best_value"]) >= 0.9 for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--target", "null"], "--target is required"),
+        (["--grid", "[0, 8]"], "grid entry 0"),
+        (["--grid", "[1048576]"], "above the cap of 2048"),
+        (["--lr_factors", "[]"], "lr_factors=[]"),
+        (["--max_steps", "0"], "max_steps=0"),
+        (["--lr_rule", "cubic"], "lr_rule='cubic'"),
+        (["--monitor", "val/nope"], "does not log monitor='val/nope'"),
+        (["--target", "nan"], "target=nan"),
+    ],
+)
+def test_bad_study_input_is_a_one_line_error(batchlab, args, message):
+    result = batchlab(*TINY, *args)
+    assert result.code == 2, result.err[-500:]
+    last = result.err.strip().splitlines()[-1]
+    assert last.startswith("batchlab: error: ") and message in last, last
+    assert "Traceback" not in result.err
+
+
+@pytest.mark.slow
+def test_the_default_study_shows_the_regimes_with_b_crit_inside_the_grid(batchlab, tmp_path):
+    result = batchlab("study", "-c", STUDY)
+    assert result.code == 0, result.err
+    summary = json.loads((tmp_path / "studies" / "toy" / "summary.json").read_text())
+    assert min(summary["grid"]) < summary["b_crit"] < max(summary["grid"])
+    assert summary["recommended_batch_size"] is not None and summary["quick_regret"] is not None
