@@ -183,7 +183,7 @@ def test_any_lightning_module_and_datamodule_by_class_path(batchlab, tmp_path):
         (["--max_steps", "0"], "max_steps=0"),
         (["--lr_rule", "cubic"], "lr_rule='cubic'"),
         (["--monitor", "val/nope"], "does not log monitor='val/nope'"),
-        (["--target", "nan"], "target=nan"),
+        (["--target", "nan"], "target='nan' is not allowed"),
     ],
 )
 def test_bad_study_input_is_a_one_line_error(batchlab, args, message):
