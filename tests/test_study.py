@@ -201,3 +201,10 @@ def test_the_default_study_shows_the_regimes_with_b_crit_inside_the_grid(batchla
     summary = json.loads((tmp_path / "studies" / "toy" / "summary.json").read_text())
     assert min(summary["grid"]) < summary["b_crit"] < max(summary["grid"])
     assert summary["recommended_batch_size"] is not None and summary["quick_regret"] is not None
+
+
+def test_a_rejected_configuration_leaves_no_folder_behind(batchlab, tmp_path):
+    result = batchlab(*TINY, "--monitor", "val/typo")
+    assert result.code == 2 and "does not log monitor='val/typo'" in result.err
+    assert not (tmp_path / "study").exists()
+    assert batchlab(*TINY, "--quick").code == 0, "the corrected command runs in the same folder"

@@ -193,7 +193,8 @@ class StudyFolder:
         meta = root / "study.json"
         if meta.is_file():
             saved = json.loads(meta.read_text())
-            if saved != _jsonable(fingerprint):
+            measured = any(p.name != "study.json" for p in root.iterdir())
+            if saved != _jsonable(fingerprint) and measured:
                 changed = sorted(_diff(saved, _jsonable(fingerprint)))
                 raise ConfigError(
                     f"{root} holds a study made with a different configuration (changed: {', '.join(changed)}); "
@@ -206,8 +207,7 @@ class StudyFolder:
         except OSError as err:
             raise ConfigError(f"cannot create the study folder {root}: {err.strerror}") from err
         folder = cls(root)
-        if not meta.is_file():
-            folder.write("study", fingerprint)
+        folder.write("study", fingerprint)  # unchanged, or a folder that holds no measurement yet
         return folder
 
     def path(self, key: str) -> Path:
@@ -340,8 +340,8 @@ class Study:
         self.trainer_kwargs = {k: v for k, v in trainer_kwargs.items() if k not in _STUDY_OWNED}
         self.base_lr = settings.base_lr or float(get_value(self.lr_attr, model))
         self.base_batch_size = settings.base_batch_size or int(get_value("batch_size", model, datamodule))
-        fingerprint = {"study": settings.fingerprint(), "config": config or self._describe_objects()}
-        self.folder = StudyFolder.open(settings.out, fingerprint, settings.fresh)
+        self.fingerprint = {"study": settings.fingerprint(), "config": config or self._describe_objects()}
+        self.folder: Optional[StudyFolder] = None  # opened once the configuration has been checked
         self._bar: Optional[tqdm] = None
 
     def _describe_objects(self) -> dict[str, Any]:
@@ -357,7 +357,7 @@ class Study:
         kwargs.update(
             logger=False, callbacks=callbacks, max_steps=max_steps, max_epochs=-1, enable_progress_bar=False,
             enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
-            default_root_dir=str(self.folder.root), log_every_n_steps=max(1, max_steps),
+            default_root_dir=str(self.folder.root) if self.folder else None, log_every_n_steps=max(1, max_steps),
         )
         if validate_every is None:
             kwargs["limit_val_batches"] = 0
@@ -579,10 +579,28 @@ class Study:
             return [scaling.two_batch_noise(probe, loss_fn, _as_tuple(b), b_small) for b in batches], "two_batch"
 
     # The whole study ----------------------------------------------------------------------------------------
+    def check_monitor(self) -> None:
+        """One validation batch, so that a metric the model does not log is reported before any measurement."""
+        model, data = copy.deepcopy(self.model), copy.deepcopy(self.datamodule)
+        with quiet_lightning():
+            trainer = self._trainer([], max_steps=1, validate_every=1)
+            trainer.limit_val_batches = 1
+            trainer.validate(model, datamodule=data, verbose=False)
+        if self.settings.monitor not in trainer.callback_metrics:
+            logged = sorted(trainer.callback_metrics) or "nothing (is there a validation split?)"
+            raise ConfigError(f"the model does not log monitor={self.settings.monitor!r} in validation; "
+                              f"it logs {logged}")
+
     def run(self) -> dict[str, Any]:
         s = self.settings
-        memory_max = self.memory_max()
+        probe = self._probe()
+        check(probe.world_size == 1, f"the study runs on one device for now, not {probe.world_size} "
+                                     "(--trainer.devices 1 --trainer.num_nodes 1)")
         n_train = self.train_size()
+        self.grid(n_train, None)  # a bad --grid is refused before anything is written
+        self.check_monitor()
+        self.folder = StudyFolder.open(s.out, self.fingerprint, s.fresh)
+        memory_max = self.memory_max()
         grid = self.grid(n_train, memory_max)
         total = len(grid) + 1 + (0 if s.quick else len(grid) * len(set(s.lr_factors)))
         self._bar = tqdm(total=total, desc="batchlab study", unit="run", dynamic_ncols=True)
@@ -593,7 +611,7 @@ class Study:
         finally:
             self._bar.close()
         return summarise(self, grid, n_train, memory_max, throughput, self.gns, self.sweeps,
-                         device_name(self._probe().strategy.root_device))
+                         device_name(probe.strategy.root_device))
 
     def _probe(self) -> Trainer:
         with quiet_lightning():
