@@ -48,7 +48,7 @@ def test_a_tiny_study_writes_every_output(batchlab, tmp_path):
     trial_files = list((root / "trials").glob("*.json"))
     rows = list(csv.DictReader((root / "results.csv").open()))
     assert len(rows) == len(trial_files) == 5 * 2
-    assert {r["status"] for r in rows} <= {"reached", "budget", "pruned", "diverged"}
+    assert {r["status"] for r in rows} <= {"reached", "budget", "pruned", "stalled", "diverged"}
     for row in rows:
         if row["status"] == "reached":
             assert int(row["steps"]) % 5 == 0 and int(row["samples"]) >= int(row["steps"]) * int(row["batch_size"]) - 256

@@ -98,6 +98,7 @@ class BatchlabTrainer(Trainer):
         lr_extend: int = 2,
         max_steps: int = 2000,
         check_every: int = 5,
+        patience: int = 20,
         warmup_steps: int = 5,
         throughput_steps: int = 20,
         gns_batch_size: Optional[int] = None,
@@ -128,6 +129,7 @@ class BatchlabTrainer(Trainer):
             lr_extend: Extra LRs tried beyond the grid's edge, each way, while the best LR is at that edge.
             max_steps: Step budget of one trial.
             check_every: Validate every this many optimizer steps; steps to target are multiples of it.
+            patience: Validations without improvement after which a trial is abandoned as stalled (0: never).
             warmup_steps: Steps excluded from the timing of each throughput run.
             throughput_steps: Steps timed per batch size.
             gns_batch_size: Batch size of the gradient-noise estimates (large is better); default min(1024, data).
@@ -144,7 +146,7 @@ class BatchlabTrainer(Trainer):
         settings = StudySettings(
             target=target, monitor=monitor, mode=mode, grid=grid, max_batch_size=max_batch_size, lr_rule=lr_rule,
             base_lr=base_lr, base_batch_size=base_batch_size, lr_factors=list(lr_factors), lr_extend=lr_extend,
-            max_steps=max_steps, check_every=check_every, warmup_steps=warmup_steps,
+            max_steps=max_steps, check_every=check_every, patience=patience, warmup_steps=warmup_steps,
             throughput_steps=throughput_steps, gns_batch_size=gns_batch_size, gns_points=gns_points,
             gns_steps=gns_steps, gns_batches=gns_batches, seed=_seed(), quick=quick, out=out, fresh=fresh,
         )

@@ -77,6 +77,7 @@ class StudySettings:
     lr_extend: int = 2
     max_steps: int = 2000
     check_every: int = 5
+    patience: int = 20
     warmup_steps: int = 5
     throughput_steps: int = 20
     gns_batch_size: Optional[int] = None
@@ -111,6 +112,8 @@ class StudySettings:
               f"warmup_steps={self.warmup_steps!r} is not allowed: use a positive integer")
         check(_is_int(self.gns_points) and self.gns_points >= 2,
               f"gns_points={self.gns_points!r} is not allowed: use an integer >= 2")
+        check(_is_int(self.patience) and self.patience >= 0,
+              f"patience={self.patience!r} is not allowed: use an integer >= 0 (0: never give up early)")
         check(_is_int(self.lr_extend) and self.lr_extend >= 0,
               f"lr_extend={self.lr_extend!r} is not allowed: use an integer >= 0")
         check(len(self.lr_factors) > 0 and all(math.isfinite(f) and f > 0 for f in self.lr_factors),
@@ -452,7 +455,7 @@ class Study:
         s = self.settings
         recorder = CurveRecorder(s.monitor)
         stopper = EarlyStopping(s.monitor, mode=s.mode, stopping_threshold=s.target, check_finite=True,
-                                patience=10**9, verbose=False)
+                                patience=s.patience or 10**9, verbose=False)
         start = time.perf_counter()
         _, trainer = self._fit(batch_size, lr, [recorder, stopper], max_steps, s.check_every)
         wall = time.perf_counter() - start
@@ -462,6 +465,8 @@ class Study:
             status = "reached"
         elif recorder.diverged_at is not None or any(not math.isfinite(v) for v in values):
             status = "diverged"
+        elif trainer.global_step < max_steps:
+            status = "stalled"  # no improvement in `patience` validations: abandoned early
         elif max_steps < s.max_steps:
             status = "pruned"  # stopped at the step count of a better LR at this batch size: it cannot win
         else:
@@ -657,7 +662,7 @@ def _extend_direction(results: list[dict[str, Any]]) -> Optional[str]:
     if best is None:
         if low["status"] == "diverged":
             return "down"
-        if high["status"] in ("budget", "pruned"):
+        if high["status"] in ("budget", "pruned", "stalled"):
             return "up"
         return None
     if len(by_factor) > 1 and best is high and high["status"] != "diverged":
