@@ -51,3 +51,14 @@ class Classifier(LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate)
+
+
+class NormedClassifier(Classifier):
+    """With batch norm, whose in-place running statistics torch.func cannot vmap over: the study must fall back
+    to gradient norms at two batch sizes."""
+
+    def __init__(self, dim: int = 4, learning_rate: float = 1e-3) -> None:
+        super().__init__(dim, learning_rate)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(dim, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(), torch.nn.Linear(16, 2)
+        )

@@ -208,3 +208,16 @@ def test_a_rejected_configuration_leaves_no_folder_behind(batchlab, tmp_path):
     assert result.code == 2 and "does not log monitor='val/typo'" in result.err
     assert not (tmp_path / "study").exists()
     assert batchlab(*TINY, "--quick").code == 0, "the corrected command runs in the same folder"
+
+
+def test_a_model_torch_func_cannot_vmap_gets_the_two_batch_noise_estimate(batchlab, tmp_path):
+    result = batchlab(
+        "study", "--model.class_path", "study_models.NormedClassifier", "--data.class_path", "study_models.Blobs",
+        "--trainer.accelerator", "cpu", "--monitor", "val/acc", "--mode", "max", "--quick", "--grid", "[4, 64]",
+        "--gns_steps", "20", "--gns_points", "2", "--gns_batch_size", "256", "--throughput_steps", "3",
+        "--warmup_steps", "1", "--out", "normed",
+    )
+    assert result.code == 0, result.err
+    gns = json.loads((tmp_path / "normed" / "gns.json").read_text())
+    assert gns["method"] == "two_batch" and math.isfinite(gns["b_simple"])
+    assert "two_batch gradients" in result.out
