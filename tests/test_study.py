@@ -15,7 +15,7 @@ TINY = [
     "study", "-c", STUDY, "--data.n_samples", "2304", "--data.val_fraction", "0.111111", "--data.eval_batch_size",
     "256", "--grid", "[8, 64, 256]", "--target", "1.5", "--max_steps", "300", "--lr_factors", "[1, 2]",
     "--lr_extend", "0", "--gns_steps", "40", "--gns_points", "3", "--gns_batch_size", "256", "--gns_batches", "2",
-    "--throughput_steps", "5", "--warmup_steps", "2", "--out", "study",
+    "--throughput_steps", "5", "--throughput_rounds", "1", "--warmup_steps", "2", "--out", "study",
 ]
 SUMMARY_KEYS = {
     "recommended_batch_size", "recommended_lr", "b_crit", "s_min", "e_min", "b_simple", "alpha_s", "beta_s",
@@ -160,7 +160,7 @@ def test_any_lightning_module_and_datamodule_by_class_path(batchlab, tmp_path):
         "--seed_everything", "0", "--trainer.accelerator", "cpu", "--monitor", "val/acc", "--mode", "max",
         "--target", "0.9", "--grid", "[4, 64]", "--max_steps", "200", "--lr_factors", "[1, 3]", "--lr_extend", "0",
         "--lr_rule", "none", "--gns_steps", "20", "--gns_points", "2", "--gns_batch_size", "128",
-        "--throughput_steps", "5", "--warmup_steps", "2", "--out", "other",
+        "--throughput_steps", "5", "--throughput_rounds", "1", "--warmup_steps", "2", "--out", "other",
     )
     assert result.code == 0, result.err
     summary = json.loads((tmp_path / "other" / "summary.json").read_text())
@@ -214,10 +214,31 @@ def test_a_model_torch_func_cannot_vmap_gets_the_two_batch_noise_estimate(batchl
     result = batchlab(
         "study", "--model.class_path", "study_models.NormedClassifier", "--data.class_path", "study_models.Blobs",
         "--trainer.accelerator", "cpu", "--monitor", "val/acc", "--mode", "max", "--quick", "--grid", "[4, 64]",
-        "--gns_steps", "20", "--gns_points", "2", "--gns_batch_size", "256", "--throughput_steps", "3",
+        "--gns_steps", "20", "--gns_points", "2", "--gns_batch_size", "256", "--throughput_steps", "3", "--throughput_rounds", "1",
         "--warmup_steps", "1", "--out", "normed",
     )
     assert result.code == 0, result.err
     gns = json.loads((tmp_path / "normed" / "gns.json").read_text())
     assert gns["method"] == "two_batch" and math.isfinite(gns["b_simple"])
     assert "two_batch gradients" in result.out
+
+
+def _result(factor, status, best_value, steps=None):
+    return {"lr_factor": factor, "status": status, "best_value": best_value, "steps": steps, "wall_s": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("results", "direction"),
+    [
+        ([_result(0.5, "reached", 1.0, 90), _result(1, "reached", 1.0, 80), _result(2, "reached", 1.0, 70)], "up"),
+        ([_result(0.5, "reached", 1.0, 60), _result(1, "reached", 1.0, 80), _result(2, "stalled", 3.0)], "down"),
+        ([_result(0.5, "reached", 1.0, 90), _result(1, "reached", 1.0, 60), _result(2, "reached", 1.0, 70)], None),
+        ([_result(0.5, "stalled", 2.4), _result(1, "stalled", 16.0), _result(2, "stalled", 8.8)], "down"),
+        ([_result(0.5, "budget", 1.3), _result(1, "budget", 1.2), _result(2, "budget", 1.1)], "up"),
+        ([_result(0.5, "diverged", None), _result(1, "diverged", None)], "down"),
+        ([_result(0.5, "stalled", 1.4), _result(1, "stalled", 1.2), _result(2, "stalled", 3.0)], "down"),
+        ([_result(0.5, "budget", 1.4), _result(1, "stalled", 1.2)], None),
+    ],
+)
+def test_the_lr_grid_is_extended_towards_the_better_edge(results, direction):
+    assert study_module._extend_direction(results) == direction

@@ -98,9 +98,10 @@ class BatchlabTrainer(Trainer):
         lr_extend: int = 2,
         max_steps: int = 2000,
         check_every: int = 5,
-        patience: int = 20,
+        patience: int = 50,
         warmup_steps: int = 5,
-        throughput_steps: int = 20,
+        throughput_steps: int = 10,
+        throughput_rounds: int = 3,
         gns_batch_size: Optional[int] = None,
         gns_points: int = 8,
         gns_steps: int = 200,
@@ -131,7 +132,8 @@ class BatchlabTrainer(Trainer):
             check_every: Validate every this many optimizer steps; steps to target are multiples of it.
             patience: Validations without improvement after which a trial is abandoned as stalled (0: never).
             warmup_steps: Steps excluded from the timing of each throughput run.
-            throughput_steps: Steps timed per batch size.
+            throughput_steps: Steps timed per batch size in each round.
+            throughput_rounds: Passes over the grid; each B keeps its fastest (robust to a busy machine).
             gns_batch_size: Batch size of the gradient-noise estimates (large is better); default min(1024, data).
             gns_points: Points of the reference run at which the noise scale is measured.
             gns_steps: Length of the reference run (it stops earlier at the target).
@@ -147,7 +149,8 @@ class BatchlabTrainer(Trainer):
             target=target, monitor=monitor, mode=mode, grid=grid, max_batch_size=max_batch_size, lr_rule=lr_rule,
             base_lr=base_lr, base_batch_size=base_batch_size, lr_factors=list(lr_factors), lr_extend=lr_extend,
             max_steps=max_steps, check_every=check_every, patience=patience, warmup_steps=warmup_steps,
-            throughput_steps=throughput_steps, gns_batch_size=gns_batch_size, gns_points=gns_points,
+            throughput_steps=throughput_steps, throughput_rounds=throughput_rounds, gns_batch_size=gns_batch_size,
+            gns_points=gns_points,
             gns_steps=gns_steps, gns_batches=gns_batches, seed=_seed(), quick=quick, out=out, fresh=fresh,
         )
         study = Study(model, datamodule, self.init_kwargs, settings, self.study_config)

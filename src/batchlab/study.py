@@ -77,9 +77,10 @@ class StudySettings:
     lr_extend: int = 2
     max_steps: int = 2000
     check_every: int = 5
-    patience: int = 20
+    patience: int = 50
     warmup_steps: int = 5
-    throughput_steps: int = 20
+    throughput_steps: int = 10
+    throughput_rounds: int = 3
     gns_batch_size: Optional[int] = None
     gns_points: int = 8
     gns_steps: int = 200
@@ -102,7 +103,7 @@ class StudySettings:
             check(len(self.grid) > 0, "grid=[] is not allowed: give at least one batch size")
             for b in self.grid:
                 check(_is_pos_int(b), f"grid entry {b!r} is not allowed: batch sizes are positive integers")
-        for name in ("max_steps", "check_every", "throughput_steps", "gns_steps", "gns_batches"):
+        for name in ("max_steps", "check_every", "throughput_steps", "throughput_rounds", "gns_steps", "gns_batches"):
             value = getattr(self, name)
             check(_is_pos_int(value), f"{name}={value!r} is not allowed: use a positive integer")
         for name in ("max_batch_size", "base_batch_size", "gns_batch_size"):
@@ -425,17 +426,26 @@ class Study:
             self.folder.write("memory", cached)
         return cached["memory_max_batch_size"] if cached["search"]["memory_limited"] else None
 
-    def throughput(self, batch_size: int) -> dict[str, Any]:
-        key = f"throughput/bs{batch_size}"
+    def throughput(self, grid: list[int]) -> list[dict[str, Any]]:
+        """Time per step for every B, in ``throughput_rounds`` interleaved passes over the grid, keeping each B's
+        fastest pass: on a shared machine a burst of other work then spoils one pass of a few B, not the fit."""
+        rounds: dict[int, list[float]] = {b: [] for b in grid}
+        for r in range(self.settings.throughput_rounds):
+            for b in grid:
+                rounds[b].append(self._time_steps(b, r)["step_s"])
+        return [{"batch_size": b, "step_s": min(t), "samples_per_s": b / min(t), "rounds_s": t}
+                for b, t in rounds.items()]
+
+    def _time_steps(self, batch_size: int, round_: int) -> dict[str, Any]:
+        key = f"throughput/bs{batch_size}-round{round_}"
         cached = self.folder.read(key)
         if cached is None:
             s = self.settings
             timer = StepTimer(s.warmup_steps)
             self._fit(batch_size, self.centre_lr(batch_size), [timer], s.warmup_steps + s.throughput_steps + 1, None)
             times = sorted(timer.times)
-            # A low quantile, not the mean: on a shared machine other work only ever adds time to a step.
-            step_s = times[len(times) // 5]
-            cached = {"batch_size": batch_size, "step_s": step_s, "samples_per_s": batch_size / step_s,
+            # A low quantile, not the mean: other work on the machine only ever adds time to a step.
+            cached = {"batch_size": batch_size, "step_s": times[len(times) // 5],
                       "median_step_s": times[len(times) // 2], "steps_timed": len(times)}
             self.folder.write(key, cached)
         self._tick()
@@ -607,10 +617,10 @@ class Study:
         self.folder = StudyFolder.open(s.out, self.fingerprint, s.fresh)
         memory_max = self.memory_max()
         grid = self.grid(n_train, memory_max)
-        total = len(grid) + 1 + (0 if s.quick else len(grid) * len(set(s.lr_factors)))
+        total = len(grid) * s.throughput_rounds + 1 + (0 if s.quick else len(grid) * len(set(s.lr_factors)))
         self._bar = tqdm(total=total, desc="batchlab study", unit="run", dynamic_ncols=True)
         try:
-            throughput = [self.throughput(b) for b in grid]
+            throughput = self.throughput(grid)
             self.gns = self.noise_scale()
             self.sweeps = {} if s.quick else {b: self.sweep(b) for b in grid}
         finally:
@@ -654,21 +664,22 @@ def _best(results: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
 
 
 def _extend_direction(results: list[dict[str, Any]]) -> Optional[str]:
-    """Where to try one more LR: beyond the edge that holds the best result, or, with no result, away from
-    divergence (down) or from slowness (up)."""
+    """Where to try one more LR: beyond the edge that holds the best result. With no result, a too-high LR shows
+    as instability (divergence, or a trial that stalls or dies) and a too-low one as steady progress that runs
+    out of steps: go down if even the lowest LR was unstable, up if every LR just ran out of steps."""
     by_factor = sorted(results, key=lambda r: r["lr_factor"])
     low, high = by_factor[0], by_factor[-1]
-    best = _best(results)
-    if best is None:
-        if low["status"] == "diverged":
-            return "down"
-        if high["status"] in ("budget", "pruned", "stalled"):
-            return "up"
+    if len(by_factor) < 2:
         return None
-    if len(by_factor) > 1 and best is high and high["status"] != "diverged":
-        return "up"
-    if len(by_factor) > 1 and best is low:
+    best = _best(results)
+    if best is not None:
+        if best is high and high["status"] != "diverged":
+            return "up"
+        return "down" if best is low else None
+    if low["status"] in ("diverged", "stalled"):
         return "down"
+    if all(r["status"] in ("budget", "pruned") for r in by_factor):
+        return "up"
     return None
 
 
