@@ -59,6 +59,19 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
     return target
 
 
+def run_dir(trainer: Trainer) -> Optional[str]:
+    """The run's folder, as ``Trainer.log_dir`` names it, without its broadcast.
+
+    ``Trainer.log_dir`` is a collective call under DDP: made on rank 0 alone (the only rank that writes), it waits
+    forever for the other ranks. Only rank 0's answer is meaningful: another rank's logger may name a later
+    version, since it looks for a free one after rank 0 has created its folder.
+    """
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        return logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
+    return trainer.default_root_dir
+
+
 def log_hparams(trainer: Trainer, params: dict[str, Any], metrics: Optional[dict[str, float]] = None) -> None:
     """Log hyperparameters (and, for TensorBoard's HParams tab, metrics) and bring ``hparams.yaml`` up to date.
 
@@ -175,7 +188,7 @@ class RunSummary(Callback):
             "checkpoint": getattr(trainer.checkpoint_callback, "last_model_path", None)
             or getattr(trainer.checkpoint_callback, "best_model_path", None)
             or None,
-            "log_dir": trainer.log_dir,
+            "log_dir": run_dir(trainer),
             "interrupted": trainer.interrupted,
         }
         search = _batch_size_search(trainer)
@@ -217,8 +230,8 @@ class RunSummary(Callback):
     def _report(self, trainer: Trainer) -> None:
         s = self.summary
         assert s is not None
-        if trainer.log_dir is not None:
-            written = write_json(Path(trainer.log_dir) / self.filename, s)
+        if s["log_dir"] is not None:
+            written = write_json(Path(s["log_dir"]) / self.filename, s)
             s["summary_path"] = str(written)
         if self.verbose:
             print(format_summary(s))
