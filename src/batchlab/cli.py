@@ -5,9 +5,10 @@
     batchlab predict -c configs/seed.yaml --ckpt_path runs/seed/version_0/checkpoints/last.ckpt
     batchlab fit --help                                    # every option, from the constructors' Args
 
-Subcommands are LightningCLI's ``fit``, ``validate``, ``test`` and ``predict``. Configuration is YAML under
-``configs/``, stacked with repeated ``-c``. Bad input ends in a single ``batchlab: error: ...`` line on stderr and
-exit status 2, never a traceback. Tests call ``main([...])``.
+Subcommands are LightningCLI's ``fit``, ``validate``, ``test`` and ``predict``, and ``tune``. Configuration is
+YAML under ``configs/``, stacked with repeated ``-c``. Bad input ends in a single ``batchlab: error: ...`` line on
+stderr and exit status 2, never a traceback, and before anything is written (``batchlab.preflight``). Tests call
+``main([...])``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from batchlab.data import ToyRegressionData
 from batchlab.errors import ConfigError
 from batchlab.model import MLPRegressor
+from batchlab.preflight import check_checkpoint, check_config_files, check_run
 from batchlab.summary import PredictionPrinter, RunSummary, format_summary
 from batchlab.tune import BatchSizeSearch, check_not_distributed, format_tune, run_tune, write_tune
 
@@ -83,6 +85,26 @@ class BatchlabCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.n_features", "model.n_features")
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except ValueError as err:  # the Trainer's own refusals (an unknown accelerator or strategy, num_nodes=0)
+            raise ConfigError(str(err)) from err
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        if args is None or isinstance(args, (list, tuple)):
+            check_config_files(sys.argv[1:] if args is None else args)
+        super().parse_arguments(parser, args)
+        # Checked here because LightningCLI loads the checkpoint next, to read its hyperparameters.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path is not None:
+            check_checkpoint(ckpt_path)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        check_run(self.trainer)
+
     def before_fit(self) -> None:
         if any(isinstance(c, BatchSizeSearch) for c in self.trainer.callbacks):
             check_not_distributed(self.trainer)
@@ -136,8 +158,15 @@ def main(args: Optional[list[str]] = None) -> None:
     try:
         make_cli(args)
     except (ConfigError, ArgumentError, MisconfigurationException, FileNotFoundError) as err:
-        print(f"batchlab: error: {one_line(err)}", file=sys.stderr)
-        sys.exit(2)
+        _fail(one_line(err))
+    except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as err:
+        # A path that cannot be used, should one get past batchlab.preflight's checks.
+        _fail(f"{err.filename!r} cannot be used: {err.strerror}" if err.filename else one_line(err))
+
+
+def _fail(message: str) -> None:
+    print(f"batchlab: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 _TYPE_NAMES = {
@@ -162,6 +191,9 @@ def one_line(err: BaseException) -> str:
             literal = re.match(r"typing\.Literal\[(.*)\]", name)
             expected.append("one of " + literal.group(1) if literal else _TYPE_NAMES.get(name[8:-2], name))
         if expected:
+            if value.group(1).strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+                # jsonargparse refuses NaN and infinity as floats; say that it is the value, not its type.
+                expected = ["a finite number" if e == "a number" else e for e in expected]
             allowed = " or ".join(dict.fromkeys(expected))
             return f"{key.group(1)}={value.group(1).strip()!r} is not allowed: use {allowed}"
     line = " ".join(line.strip() for line in text.splitlines() if line.strip())
