@@ -7,8 +7,9 @@
 
 Subcommands are LightningCLI's ``fit``, ``validate``, ``test`` and ``predict``, and ``tune``. Configuration is
 YAML under ``configs/``, stacked with repeated ``-c``. Bad input ends in a single ``batchlab: error: ...`` line on
-stderr and exit status 2, never a traceback, and before anything is written (``batchlab.preflight``). Tests call
-``main([...])``.
+stderr and exit status 2, never a traceback, and before anything is written (``batchlab.preflight``). A fit stopped
+by Ctrl+C or SIGTERM saves a checkpoint and its summary, says in one line how to resume, and exits with 130 or 143.
+Tests call ``main([...])``.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from typing import Any, Literal, Optional
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from batchlab.data import ToyRegressionData
-from batchlab.errors import ConfigError
+from batchlab.errors import ConfigError, RunInterrupted
 from batchlab.model import MLPRegressor
 from batchlab.preflight import check_checkpoint, check_config_files, check_run
 from batchlab.summary import PredictionPrinter, RunSummary, format_summary
@@ -42,7 +45,24 @@ class BatchlabParser(LightningArgumentParser):
 
 
 class BatchlabTrainer(Trainer):
-    """Lightning's Trainer plus ``tune``, which LightningCLI turns into the ``batchlab tune`` subcommand."""
+    """Lightning's Trainer plus ``tune``, which LightningCLI turns into the ``batchlab tune`` subcommand, and a
+    ``fit`` that reports an interrupted run."""
+
+    def fit(self, *args: Any, **kwargs: Any) -> None:
+        """Lightning's fit. When a signal stops it, Lightning has already run every ``on_exception`` hook (the
+        checkpoint callback saved) and ends with ``SystemExit``: ``sys.exit(1)`` after Ctrl+C, ``SIGTERMException``
+        (exit status 0) after SIGTERM. This writes the run's summary and turns both into ``RunInterrupted``."""
+        try:
+            super().fit(*args, **kwargs)
+        except BaseException as exc:
+            if not self.interrupted:
+                raise
+            summaries = [cb.finish_interrupted(self) for cb in self.callbacks if isinstance(cb, RunSummary)]
+            summary = next((s for s in summaries if s is not None), None)
+            signame = _signal_of(exc)
+            if signame is None:
+                raise  # an error, not a signal: its traceback is the report
+            raise RunInterrupted(signame, _interrupted_message(self, signame, summary), summary) from None
 
     def tune(
         self,
@@ -86,10 +106,20 @@ class BatchlabCLI(LightningCLI):
         parser.link_arguments("data.n_features", "model.n_features")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        configured = {id(c) for c in self._subcommand_config().get("trainer.callbacks") or []}
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
         except ValueError as err:  # the Trainer's own refusals (an unknown accelerator or strategy, num_nodes=0)
             raise ConfigError(str(err)) from err
+        # Lightning adds a ModelCheckpoint when none is configured; batchlab's also saves when a fit is interrupted,
+        # so that Ctrl+C or SIGTERM leaves a checkpoint of the step reached. Not across several processes: that
+        # save waits for every rank, and ranks stopped by a signal are at different points, so it would hang
+        # (Lightning issue #20806); an interrupted DDP run resumes from its last epoch's checkpoint instead.
+        # A configured ModelCheckpoint keeps its own settings.
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and id(callback) not in configured:
+                callback.save_on_exception = trainer.world_size == 1
+        return trainer
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         if args is None or isinstance(args, (list, tuple)):
@@ -104,6 +134,9 @@ class BatchlabCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         check_run(self.trainer)
+
+    def _subcommand_config(self) -> Any:
+        return self.config_init[self.subcommand] if self.subcommand else self.config_init
 
     def before_fit(self) -> None:
         if any(isinstance(c, BatchSizeSearch) for c in self.trainer.callbacks):
@@ -162,11 +195,40 @@ def main(args: Optional[list[str]] = None) -> None:
     except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as err:
         # A path that cannot be used, should one get past batchlab.preflight's checks.
         _fail(f"{err.filename!r} cannot be used: {err.strerror}" if err.filename else one_line(err))
+    except RunInterrupted as stop:
+        if stop.summary is not None:
+            print(format_summary(stop.summary))
+        if stop.message is not None:
+            print(f"batchlab: {stop.message}", file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except KeyboardInterrupt:  # Ctrl+C before or after a fit, where Lightning does not handle it
+        print("batchlab: interrupted", file=sys.stderr)
+        sys.exit(RunInterrupted("SIGINT", None).exit_code)
 
 
 def _fail(message: str) -> None:
     print(f"batchlab: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def _signal_of(exc: BaseException) -> Optional[str]:
+    """The signal behind the exception Lightning ends an interrupted fit with, if a signal was the cause."""
+    if isinstance(exc, SIGTERMException):
+        return "SIGTERM"
+    # Lightning catches the KeyboardInterrupt and calls sys.exit(1) inside that except block.
+    if isinstance(exc, SystemExit) and isinstance(exc.__context__, KeyboardInterrupt):
+        return "SIGINT"
+    return None
+
+
+def _interrupted_message(trainer: Trainer, signame: str, summary: Optional[dict[str, Any]]) -> Optional[str]:
+    if not trainer.is_global_zero:
+        return None
+    where = f"interrupted by {signame} at epoch {trainer.current_epoch}, step {trainer.global_step}"
+    checkpoint = summary and summary.get("checkpoint")
+    if not checkpoint:
+        return f"{where}; no checkpoint was saved, nothing to resume from"
+    return f"{where}; resume from step {summary['checkpoint_step']} with --ckpt_path {checkpoint}"
 
 
 _TYPE_NAMES = {
