@@ -1,4 +1,5 @@
-"""Shared helpers for the tests: run the ``batchlab`` command in-process and read TensorBoard event files back.
+"""Shared helpers for the tests: run the ``batchlab`` command in-process or as a subprocess, and read TensorBoard
+event files back.
 
 Every test runs offline, on the CPU unless parametrised for CUDA, inside its own ``tmp_path``.
 """
@@ -6,6 +7,8 @@ Every test runs offline, on the CPU unless parametrised for CUDA, inside its own
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +19,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from batchlab.cli import main
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 SEED = str(CONFIGS / "seed.yaml")
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
@@ -48,6 +52,30 @@ def batchlab(tmp_path, monkeypatch, capsys):
         return Result(code, captured.out, captured.err)
 
     return run
+
+
+def command(*args: str) -> list[str]:
+    """The ``batchlab ARGS`` command line for a subprocess."""
+    return [sys.executable, "-m", "batchlab.cli", *args]
+
+
+def command_env() -> dict[str, str]:
+    """The environment for a ``batchlab`` subprocess: this checkout's sources first (whatever copy of batchlab is
+    installed), and the tests folder, so that the command can load the test-only callbacks in ``probes``."""
+    path = [str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+
+
+def run_command(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``batchlab ARGS`` as a subprocess in ``cwd`` and wait for it (needed where Lightning starts processes)."""
+    return subprocess.run(
+        command(*args), cwd=cwd, env=command_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file and folder under ``root`` with its bytes (None for a folder): equal snapshots, nothing changed."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(Path(root).rglob("*"))}
 
 
 def run_dirs(root: Path, name: str = "seed") -> list[Path]:

@@ -1,5 +1,6 @@
 """The ``batchlab`` command end to end: the seed run, its summary and TensorBoard logs, parity with the
-notebook's own loop, predict/validate/test, and one-line errors for bad input."""
+notebook's own loop, predict/validate/test, and one-line errors for bad input (the full table of bad input, for
+every command, is in test_bad_input.py)."""
 
 import math
 import subprocess
@@ -179,28 +180,6 @@ def test_bad_input_is_a_one_line_error_with_exit_2(batchlab, args, message):
     lines = [line for line in result.err.splitlines() if line.strip()]
     assert lines[-1].startswith("batchlab: error: ") and message in lines[-1]
     assert "Traceback" not in result.err + result.out
-
-
-def test_bad_config_files_are_one_line_errors(batchlab, tmp_path):
-    (tmp_path / "unknown.yaml").write_text("data:\n  no_such_key: 1\n")
-    (tmp_path / "broken.yaml").write_text("data: [1\n")
-    cases = [
-        (["-c", str(tmp_path / "unknown.yaml")], "no_such_key"),
-        (["-c", str(tmp_path / "missing.yaml")], "missing.yaml"),
-        (["-c", str(tmp_path / "broken.yaml")], "parsing"),
-    ]
-    for args, message in cases:
-        result = batchlab("fit", "-c", SEED, *args)
-        assert result.code == 2, args
-        last = result.err.strip().splitlines()[-1]
-        assert last.startswith("batchlab: error: ") and message in last, last
-        assert "Traceback" not in result.err
-
-
-def test_a_missing_checkpoint_is_a_one_line_error(batchlab):
-    result = batchlab("predict", "-c", SEED, *QUIET, "--ckpt_path", "nowhere.ckpt")
-    assert result.code == 2
-    assert result.err.strip().splitlines()[-1] == "batchlab: error: Checkpoint file not found: nowhere.ckpt"
 
 
 def test_the_installed_command_exits_2_without_a_traceback(tmp_path):

@@ -4,9 +4,12 @@ different config refused, divergence recorded, the quick mode, and a second, dif
 import csv
 import json
 import math
+import signal
+import subprocess
+import time
 
 import pytest
-from conftest import CONFIGS, scalars
+from conftest import CONFIGS, command, command_env, run_command, scalars
 
 from batchlab import study as study_module
 
@@ -94,8 +97,7 @@ def test_an_interrupted_study_keeps_finished_trials_and_runs_only_the_rest(batch
         return real(self, batch_size, lr, *args)
 
     monkeypatch.setattr(study_module.Study, "_run_trial", interrupted_after_three)
-    with pytest.raises(KeyboardInterrupt):
-        batchlab(*TINY)
+    assert batchlab(*TINY).code == 130
     assert len(list((tmp_path / "study" / "trials").glob("*.json"))) == 3
     first = list(calls)
     calls.clear()
@@ -242,3 +244,30 @@ def _result(factor, status, best_value, steps=None):
 )
 def test_the_lr_grid_is_extended_towards_the_better_edge(results, direction):
     assert study_module._extend_direction(results) == direction
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_real_signal_stops_a_study_cleanly_and_a_rerun_repeats_no_trial(tmp_path, signum):
+    """Sent to ``batchlab study`` running as a subprocess once three trials are written."""
+    proc = subprocess.Popen(command(*TINY), cwd=tmp_path, env=command_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    trials = tmp_path / "study" / "trials"
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(trials.glob("*.json"))) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum, err[-2000:]
+    assert "Traceback" not in err and f"study interrupted by {name}" in err.strip().splitlines()[-1]
+    kept = {p.name: p.read_bytes() for p in trials.glob("*.json")}
+    assert 3 <= len(kept) < 10 and not list(trials.glob(".*tmp*")), "finished trials kept, no half-written one"
+    rerun = run_command(tmp_path, *TINY)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    after = {p.name: p.read_bytes() for p in trials.glob("*.json")}
+    assert len(after) == 10 and all(after[name] == data for name, data in kept.items())

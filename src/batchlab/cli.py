@@ -6,11 +6,13 @@ MLP by default), with a ``tune`` subcommand and one-line errors.
     batchlab predict -c configs/seed.yaml --ckpt_path runs/seed/version_0/checkpoints/last.ckpt
     batchlab fit --help                                    # every option, from the constructors' Args
 
-Subcommands are LightningCLI's ``fit``, ``validate``, ``test`` and ``predict``, plus ``tune``. The model and the
-data default to ``batchlab.model.MLPRegressor`` and ``batchlab.data.ToyRegressionData``; ``--model.class_path``
-and ``--data.class_path`` (or a config's ``class_path``) take any other. Configuration is YAML under
-``configs/``, stacked with repeated ``-c``. Bad input ends in a single ``batchlab: error: ...`` line on stderr and
-exit status 2, never a traceback. Tests call ``main([...])``.
+Subcommands are LightningCLI's ``fit``, ``validate``, ``test`` and ``predict``, plus ``tune`` and ``study``. The
+model and the data default to ``batchlab.model.MLPRegressor`` and ``batchlab.data.ToyRegressionData``;
+``--model.class_path`` and ``--data.class_path`` (or a config's ``class_path``) take any other. Configuration is
+YAML under ``configs/``, stacked with repeated ``-c``. Bad input ends in a single ``batchlab: error: ...`` line on
+stderr and exit status 2, never a traceback, and before anything is written (``batchlab.preflight``). A fit stopped
+by Ctrl+C or SIGTERM saves a checkpoint and its summary, says in one line how to resume, and exits with 130 or 143.
+Tests call ``main([...])``.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ import yaml
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from batchlab.errors import ConfigError
+from batchlab.errors import ConfigError, RunInterrupted, signal_of
+from batchlab.preflight import check_checkpoint, check_config_files, check_run
 from batchlab.summary import PredictionPrinter, RunSummary, format_summary
 from batchlab.tune import BatchSizeSearch, check_not_distributed, format_tune, run_tune, write_tune
 
@@ -43,13 +48,30 @@ class BatchlabParser(LightningArgumentParser):
 
 
 class BatchlabTrainer(Trainer):
-    """Lightning's Trainer plus ``tune`` and ``study``, which LightningCLI turns into subcommands."""
+    """Lightning's Trainer plus ``tune`` and ``study``, which LightningCLI turns into subcommands, and a ``fit``
+    that reports an interrupted run."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # The study builds a fresh Trainer for each of its runs from these (accelerator, devices, precision...).
         self.init_kwargs = dict(kwargs)
         self.study_config: Optional[dict[str, Any]] = None
         super().__init__(*args, **kwargs)
+
+    def fit(self, *args: Any, **kwargs: Any) -> None:
+        """Lightning's fit. When a signal stops it, Lightning has already run every ``on_exception`` hook (the
+        checkpoint callback saved) and ends with ``SystemExit``: ``sys.exit(1)`` after Ctrl+C, ``SIGTERMException``
+        (exit status 0) after SIGTERM. This writes the run's summary and turns both into ``RunInterrupted``."""
+        try:
+            super().fit(*args, **kwargs)
+        except BaseException as exc:
+            if not self.interrupted:
+                raise
+            summaries = [cb.finish_interrupted(self) for cb in self.callbacks if isinstance(cb, RunSummary)]
+            summary = next((s for s in summaries if s is not None), None)
+            signame = signal_of(exc)
+            if signame is None:
+                raise  # an error, not a signal: its traceback is the report
+            raise RunInterrupted(signame, _interrupted_message(self, signame, summary), summary) from None
 
     def tune(
         self,
@@ -80,7 +102,6 @@ class BatchlabTrainer(Trainer):
             path = write_tune(result, self.log_dir or ".")
             print(format_tune(result, path))
         return result
-
 
     def study(
         self,
@@ -167,7 +188,8 @@ def _seed() -> int:
 
 
 class BatchlabCLI(LightningCLI):
-    """LightningCLI with the model's input width linked to the data's and a ``tune`` subcommand."""
+    """LightningCLI with the model's input width linked to the data's, ``tune`` and ``study`` subcommands, and
+    checks of the configuration before anything runs."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -177,10 +199,40 @@ class BatchlabCLI(LightningCLI):
         # Applies only where both classes have the argument, as batchlab's own do.
         parser.link_arguments("data.init_args.n_features", "model.init_args.n_features")
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        configured = {id(c) for c in self._subcommand_config().get("trainer.callbacks") or []}
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except ValueError as err:  # the Trainer's own refusals (an unknown accelerator or strategy, num_nodes=0)
+            raise ConfigError(str(err)) from err
+        # Lightning adds a ModelCheckpoint when none is configured; batchlab's also saves when a fit is interrupted,
+        # so that Ctrl+C or SIGTERM leaves a checkpoint of the step reached. Not across several processes: that
+        # save waits for every rank, and ranks stopped by a signal are at different points, so it would hang
+        # (Lightning issue #20806); an interrupted DDP run resumes from its last epoch's checkpoint instead.
+        # A configured ModelCheckpoint keeps its own settings.
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and id(callback) not in configured:
+                callback.save_on_exception = trainer.world_size == 1
+        return trainer
+
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        if isinstance(args, list):
+        if args is None or isinstance(args, (list, tuple)):
+            args = list(sys.argv[1:] if args is None else args)
+            check_config_files(args)
             args = with_default_classes(args, self.subcommands())
         super().parse_arguments(parser, args)
+        # Checked here because LightningCLI loads the checkpoint next, to read its hyperparameters.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path is not None:
+            check_checkpoint(ckpt_path)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        check_run(self.trainer)
+
+    def _subcommand_config(self) -> Any:
+        return self.config_init[self.subcommand] if self.subcommand else self.config_init
 
     def before_fit(self) -> None:
         if any(isinstance(c, BatchSizeSearch) for c in self.trainer.callbacks):
@@ -290,15 +342,40 @@ def main(args: Optional[list[str]] = None) -> None:
     try:
         make_cli(args)
     except (ConfigError, ArgumentError, MisconfigurationException, FileNotFoundError) as err:
-        print(f"batchlab: error: {one_line(err)}", file=sys.stderr)
-        sys.exit(2)
+        _fail(one_line(err))
+    except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as err:
+        # A path that cannot be used, should one get past batchlab.preflight's checks.
+        _fail(f"{err.filename!r} cannot be used: {err.strerror}" if err.filename else one_line(err))
+    except RunInterrupted as stop:
+        if stop.summary is not None:
+            print(format_summary(stop.summary))
+        if stop.message is not None:
+            print(f"batchlab: {stop.message}", file=sys.stderr)
+        sys.exit(stop.exit_code)
     except ValueError as err:
         # jsonargparse builds the classes while it checks the types and wraps what their constructors raise.
         cause = _config_error_in(err)
         if cause is None:
             raise
-        print(f"batchlab: error: {one_line(cause)}", file=sys.stderr)
-        sys.exit(2)
+        _fail(one_line(cause))
+    except KeyboardInterrupt:  # Ctrl+C before or after a fit, where Lightning does not handle it
+        print("batchlab: interrupted", file=sys.stderr)
+        sys.exit(RunInterrupted("SIGINT", None).exit_code)
+
+
+def _fail(message: str) -> None:
+    print(f"batchlab: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _interrupted_message(trainer: Trainer, signame: str, summary: Optional[dict[str, Any]]) -> Optional[str]:
+    if not trainer.is_global_zero:
+        return None
+    where = f"interrupted by {signame} at epoch {trainer.current_epoch}, step {trainer.global_step}"
+    checkpoint = summary and summary.get("checkpoint")
+    if not checkpoint:
+        return f"{where}; no checkpoint was saved, nothing to resume from"
+    return f"{where}; resume from step {summary['checkpoint_step']} with --ckpt_path {checkpoint}"
 
 
 def _config_error_in(err: BaseException) -> Optional[ConfigError]:
@@ -357,6 +434,9 @@ def _condense(text: str, prefix: str = "") -> str:
         literal = re.match(r"typing\.Literal\[(.*)\]", name)
         expected.append("one of " + literal.group(1) if literal else _TYPE_NAMES.get(name[8:-2], name))
     if value and expected:
+        if value.group(1).strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            # jsonargparse refuses NaN and infinity as floats; say that it is the value, not its type.
+            expected = ["a finite number" if e == "a number" else e for e in expected]
         allowed = " or ".join(dict.fromkeys(expected))
         return f"{key}={value.group(1).strip()!r} is not allowed: use {allowed}"
     return f"{key}: {_flat(rest)}"

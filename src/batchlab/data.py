@@ -183,7 +183,7 @@ class ToyRegressionData(LightningDataModule):
             n_samples is not None or n_features == 2,
             f"n_features={n_features} needs synthetic data: the notebook's points have 2 features; set n_samples",
         )
-        check(math.isfinite(noise) and noise >= 0, f"noise={noise} is not allowed: use a number >= 0")
+        check(math.isfinite(noise) and noise >= 0, f"noise={noise} is not allowed: use a finite number >= 0")
         low, high = x_range
         check(
             math.isfinite(low) and math.isfinite(high) and low < high,

@@ -48,9 +48,12 @@ class MLPRegressor(LightningModule):
         check(n_features >= 1, f"n_features={n_features} is not allowed: use a positive integer")
         for width in hidden_sizes:
             check(width >= 1, f"hidden_sizes={list(hidden_sizes)} is not allowed: every width must be >= 1")
-        check(math.isfinite(lr) and lr > 0, f"lr={lr} is not allowed: use a number > 0")
+        check(math.isfinite(lr) and lr > 0, f"lr={lr} is not allowed: use a finite number > 0")
         check(0 <= momentum < 1, f"momentum={momentum} is not allowed: use a number in [0, 1)")
-        check(math.isfinite(weight_decay) and weight_decay >= 0, f"weight_decay={weight_decay} is not allowed: use >= 0")
+        check(
+            math.isfinite(weight_decay) and weight_decay >= 0,
+            f"weight_decay={weight_decay} is not allowed: use a finite number >= 0",
+        )
         if optimizer not in ("sgd", "adam"):
             raise ConfigError(f"optimizer={optimizer!r} is not allowed: use 'sgd' or 'adam'")
         self.save_hyperparameters()

@@ -26,6 +26,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -45,7 +47,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from batchlab import scaling
-from batchlab.errors import ConfigError, check
+from batchlab.errors import ConfigError, RunInterrupted, check, signal_of
 from batchlab.summary import device_name
 
 # Trainer arguments a study sets itself for each of its runs; every other one (accelerator, devices, precision,
@@ -375,10 +377,48 @@ class Study:
         set_value("batch_size", batch_size, model, data)
         set_value(self.lr_attr, lr, model)
         seed_everything(self.settings.seed, verbose=False)
+        self._check_stop()
         with quiet_lightning():
-            trainer = self._trainer(callbacks, max_steps, validate_every)
-            trainer.fit(model, datamodule=data)
+            trainer = self._active = self._trainer(callbacks, max_steps, validate_every)
+            try:
+                trainer.fit(model, datamodule=data)
+            except BaseException as exc:
+                signame = signal_of(exc)  # Lightning's own SIGTERM handler stops a fit with an exception
+                if signame is None:
+                    raise
+                self._stop = signame
+            finally:
+                self._active = None
+        self._check_stop()  # a fit cut short by a signal is not a measurement
         return model, trainer
+
+    @contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """Turn Ctrl+C and SIGTERM into a clean stop: the running fit ends at its next step, nothing unfinished is
+        recorded, and ``RunInterrupted`` says how to resume."""
+        self._stop: Optional[str] = None
+        self._active: Optional[Trainer] = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            self._stop = signal.Signals(signum).name
+            if self._active is not None:
+                self._active.should_stop = True
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _check_stop(self) -> None:
+        if getattr(self, "_stop", None):
+            where = self.folder.root if self.folder else self.settings.out
+            raise RunInterrupted(self._stop, f"study interrupted by {self._stop}; every finished measurement is "
+                                             f"kept in {where}: rerun the same command to resume")
 
     def centre_lr(self, batch_size: int) -> float:
         ratio = batch_size / self.base_batch_size
@@ -607,6 +647,10 @@ class Study:
                               f"it logs {logged}")
 
     def run(self) -> dict[str, Any]:
+        with self._stop_on_signals():
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         s = self.settings
         probe = self._probe()
         check(probe.world_size == 1, f"the study runs on one device for now, not {probe.world_size} "
@@ -623,6 +667,7 @@ class Study:
             throughput = self.throughput(grid)
             self.gns = self.noise_scale()
             self.sweeps = {} if s.quick else {b: self.sweep(b) for b in grid}
+            self._check_stop()
         finally:
             self._bar.close()
         return summarise(self, grid, n_train, memory_max, throughput, self.gns, self.sweeps,
@@ -635,6 +680,7 @@ class Study:
     def _tick(self) -> None:
         if self._bar is not None:
             self._bar.update(1)
+        self._check_stop()
 
     def _add_to_total(self, n: int) -> None:
         if self._bar is not None:

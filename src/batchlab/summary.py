@@ -5,7 +5,8 @@ Both callbacks are added to every trainer the ``batchlab`` command builds and wo
 - ``RunSummary`` times the fit, logs the training loss against *samples seen* (``train/loss_vs_samples``, its
   step is the number of samples, so runs with different batch sizes line up in TensorBoard), logs the
   hyperparameters to TensorBoard's HParams tab against real end-of-run metrics (``hp/*``), and ends the fit
-  with ``summary.json`` in the run's log directory and a short printed summary.
+  with ``summary.json`` in the run's log directory and a short printed summary. A fit that stops early (Ctrl+C,
+  SIGTERM, an error) gets its summary too, with ``interrupted: true``, what stopped it and the checkpoint saved.
 - ``PredictionPrinter`` prints each input row of ``batchlab predict`` beside its prediction.
 
 Written here because Lightning has no callback that reports throughput per sample or logs against samples
@@ -26,8 +27,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, BatchSizeFinder
 from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr
 
 
@@ -57,6 +60,19 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, target)
     return target
+
+
+def run_dir(trainer: Trainer) -> Optional[str]:
+    """The run's folder, as ``Trainer.log_dir`` names it, without its broadcast.
+
+    ``Trainer.log_dir`` is a collective call under DDP: made on rank 0 alone (the only rank that writes), it waits
+    forever for the other ranks. Only rank 0's answer is meaningful: another rank's logger may name a later
+    version, since it looks for a free one after rank 0 has created its folder.
+    """
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        return logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
+    return trainer.default_root_dir
 
 
 def log_hparams(trainer: Trainer, params: dict[str, Any], metrics: Optional[dict[str, float]] = None) -> None:
@@ -90,6 +106,11 @@ class RunSummary(Callback):
         self.verbose = verbose
         self.samples_seen = 0
         self.summary: Optional[dict[str, Any]] = None
+        self._fit_start: Optional[float] = None
+        self._saved_step: Optional[int] = None  # the global step of the latest checkpoint saved
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._fit_start = None  # set once the fit starts: an exception before then has nothing to summarise
 
     # Timing. Steady state is everything after the first epoch, which carries the warm-up.
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -133,6 +154,43 @@ class RunSummary(Callback):
         log_hparams(trainer, self._hparams(trainer, pl_module), metrics=self._hp_metrics())
         self._report(trainer)
 
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """Summarise a fit that stopped early; ``finish_interrupted`` writes the summary once the checkpoint exists.
+
+        Lightning calls this hook before its checkpoint callbacks save and then ends the fit without
+        ``on_fit_end``. Nothing here may wait for the other ranks: they need not all reach this hook.
+        """
+        if trainer.state.fn != TrainerFn.FITTING or self._fit_start is None:
+            return
+        self.summary = self._summarise(trainer, pl_module)
+        self.summary["stopped_by"] = stop_cause(exception)
+        log_hparams(trainer, self._hparams(trainer, pl_module), metrics=self._hp_metrics())
+
+    @rank_zero_only
+    def finish_interrupted(self, trainer: Trainer) -> Optional[dict[str, Any]]:
+        """Write the summary of a fit that stopped early, naming the checkpoint to resume from and its step;
+        return it.
+
+        Call after the fit has ended (``BatchlabTrainer.fit`` does): the checkpoint is saved by then. It is the
+        newest in the checkpoint folder, which holds only this run's (``batchlab.preflight``): the one saved on the
+        interruption, or, where none could be (under DDP), the last epoch's.
+        """
+        s = self.summary
+        if s is None or not s.get("interrupted"):
+            return None
+        s["checkpoint"], s["checkpoint_step"] = None, None
+        folder = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if folder is not None and Path(folder).is_dir():
+            saved = sorted(Path(folder).glob("*.ckpt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+            if saved:
+                s["checkpoint"], s["checkpoint_step"] = str(saved[-1]), self._saved_step
+        if s["log_dir"] is not None:
+            s["summary_path"] = str(write_json(Path(s["log_dir"]) / self.filename, s))
+        return s
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._saved_step = checkpoint.get("global_step")
+
     def state_dict(self) -> dict[str, Any]:
         return {"samples_seen": self.samples_seen}
 
@@ -175,7 +233,7 @@ class RunSummary(Callback):
             "checkpoint": getattr(trainer.checkpoint_callback, "last_model_path", None)
             or getattr(trainer.checkpoint_callback, "best_model_path", None)
             or None,
-            "log_dir": trainer.log_dir,
+            "log_dir": run_dir(trainer),
             "interrupted": trainer.interrupted,
         }
         search = _batch_size_search(trainer)
@@ -217,8 +275,8 @@ class RunSummary(Callback):
     def _report(self, trainer: Trainer) -> None:
         s = self.summary
         assert s is not None
-        if trainer.log_dir is not None:
-            written = write_json(Path(trainer.log_dir) / self.filename, s)
+        if s["log_dir"] is not None:
+            written = write_json(Path(s["log_dir"]) / self.filename, s)
             s["summary_path"] = str(written)
         if self.verbose:
             print(format_summary(s))
@@ -252,7 +310,7 @@ def format_summary(s: dict[str, Any]) -> str:
         for x, y in zip(s["predictions"]["x"], s["predictions"]["y"]):
             lines.append(f"  predict       {_fmt_row(x)} -> {_fmt_row(y)}")
     if s.get("interrupted"):
-        lines.append("  interrupted   yes: the run stopped early")
+        lines.append(f"  interrupted   by {s.get('stopped_by', 'an error')}: the run stopped early")
     if s.get("checkpoint"):
         lines.append(f"  checkpoint    {s['checkpoint']}")
     if s.get("summary_path"):
@@ -291,6 +349,16 @@ class PredictionPrinter(BasePredictionWriter):
 
     def lines(self) -> list[str]:
         return [f"{_fmt_row(x)} -> {_fmt_row(y)}" if x is not None else str(y) for x, y in self.rows]
+
+
+def stop_cause(exception: BaseException) -> str:
+    """What stopped a fit: ``SIGINT`` (Ctrl+C, which Python raises as KeyboardInterrupt), ``SIGTERM`` (Lightning's
+    signal handler turns it into SIGTERMException at the next step), or the error's type."""
+    if isinstance(exception, KeyboardInterrupt):
+        return "SIGINT"
+    if isinstance(exception, SIGTERMException):
+        return "SIGTERM"
+    return type(exception).__name__
 
 
 def _batch_size_search(trainer: Trainer) -> Optional[dict[str, Any]]:

@@ -1,0 +1,163 @@
+"""Checks made before a command runs anything, so that a bad setting or an unusable path is refused with one line
+while nothing has been written yet.
+
+``batchlab.cli`` calls them for every subcommand: ``check_config_files(args)`` before the command line is parsed,
+``check_checkpoint(ckpt_path)`` as soon as it is (LightningCLI loads the checkpoint right after, to read its
+hyperparameters) and ``check_run(trainer)`` once the trainer is built. Each covers a case where jsonargparse or
+Lightning would otherwise say too little or go wrong late:
+
+- a config file that is not YAML, which jsonargparse reports without naming the file;
+- settings the Trainer accepts and fails on mid-run, with a traceback (``accumulate_grad_batches=0`` divides by
+  zero at the first step) or silently (a negative ``gradient_clip_val`` flips the gradients);
+- a checkpoint that is missing, which Lightning finds only after the logger has started writing a new run
+  folder, or that is not a checkpoint, which ``torch.load`` refuses with a traceback;
+- a run folder that cannot be created (read-only, or under a file), which Lightning finds mid-setup with a
+  traceback;
+- a run folder that already holds a run (an explicit ``--trainer.logger.init_args.version``, or no logger and a
+  used ``default_root_dir``): Lightning's logger writes into it and LightningCLI then stops on ``config.yaml``.
+  batchlab never writes over an earlier run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from batchlab.errors import ConfigError, check
+from batchlab.summary import run_dir
+
+# What a run leaves in its folder; any of them there means the folder is taken.
+RUN_MARKERS = ("config.yaml", "summary.json", "hparams.yaml", "tune.json", "metrics.csv", "checkpoints")
+# ckpt_path values that Lightning resolves itself rather than reading a file.
+CKPT_WORDS = ("last", "best", "hpc")
+
+
+def check_config_files(args: Sequence[str]) -> None:
+    """Refuse a config file given with ``-c``/``--config`` that is not YAML, naming it and where it breaks."""
+    for path in _config_files(args):
+        if not Path(path).is_file():
+            continue  # jsonargparse names a missing file itself
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"config={path!r} is not allowed: it is not valid YAML{where} ({problem})") from None
+
+
+def _config_files(args: Sequence[str]) -> Iterator[str]:
+    args = list(args)
+    for i, arg in enumerate(args):
+        if arg in ("-c", "--config") and i + 1 < len(args):
+            yield args[i + 1]
+        elif arg.startswith("--config="):
+            yield arg.split("=", 1)[1]
+
+
+def check_run(trainer: Trainer) -> None:
+    """Raise ``ConfigError`` for a setting or a path that would fail, or write over a run, once the run starts."""
+    check_trainer_settings(trainer)
+    # Only global rank 0 writes the run folder. Another rank must not look: under DDP it starts after rank 0 has
+    # created the folder and would find it taken.
+    if trainer.is_global_zero:
+        check_run_folder(trainer)
+
+
+def check_trainer_settings(trainer: Trainer) -> None:
+    for name in ("accumulate_grad_batches", "log_every_n_steps"):
+        value = getattr(trainer, name)
+        check(value >= 1, f"trainer.{name}={value!r} is not allowed: use a positive integer (1, 2, 3, ...)")
+    every = trainer.check_val_every_n_epoch
+    check(
+        every is None or every >= 1,
+        f"trainer.check_val_every_n_epoch={every!r} is not allowed: use a positive integer, or null",
+    )
+    clip = trainer.gradient_clip_val
+    check(
+        clip is None or (math.isfinite(clip) and clip >= 0),
+        f"trainer.gradient_clip_val={clip!r} is not allowed: use a finite number >= 0 (0 or null: no clipping)",
+    )
+
+
+def check_checkpoint(ckpt_path: Any) -> None:
+    path = str(ckpt_path)
+    if path in CKPT_WORDS or path.startswith("registry") or "://" in path:
+        return
+    check(
+        Path(path).exists(),
+        f"ckpt_path={path!r} is not allowed: there is no such file; give the path of a checkpoint a fit saved "
+        "(runs/NAME/version_N/checkpoints/*.ckpt)",
+    )
+    # torch.save writes a zip archive; a folder is a sharded checkpoint, which Lightning reads itself.
+    check(
+        Path(path).is_dir() or zipfile.is_zipfile(path),
+        f"ckpt_path={path!r} is not allowed: it is not a checkpoint (not a file torch.save wrote); give the path "
+        "of a checkpoint a fit saved (runs/NAME/version_N/checkpoints/*.ckpt)",
+    )
+
+
+def check_run_folder(trainer: Trainer) -> None:
+    folder, setting = Path(run_dir(trainer) or "."), _folder_setting(trainer)
+    places = [(folder, setting)] + [
+        (Path(cb.dirpath), f"ModelCheckpoint dirpath={str(cb.dirpath)!r}")
+        for cb in trainer.checkpoint_callbacks
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath is not None
+    ]
+    for path, name in places:
+        reason = unwritable(path)
+        check(reason is None, f"{name} is not allowed: {reason}; use a folder you can write to")
+    taken = earlier_run(folder)
+    check(not taken, f"{_taken_setting(trainer)} is not allowed: {folder} already holds a run ({', '.join(taken)}) "
+                     f"and batchlab never writes over one; {_taken_advice(trainer)}")
+
+
+def unwritable(path: Path) -> Optional[str]:
+    """Why a run could not create or write into the folder ``path``, or None if it can."""
+    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def earlier_run(folder: Path) -> list[str]:
+    """What an earlier run left in ``folder`` (empty if nothing)."""
+    if not folder.is_dir():
+        return []
+    names = os.listdir(folder)
+    found = sorted(n for n in names if n in RUN_MARKERS)
+    if any(n.startswith("events.out.tfevents.") for n in names):
+        found.append("TensorBoard events")
+    return found
+
+
+def _folder_setting(trainer: Trainer) -> str:
+    if not trainer.loggers:
+        return f"trainer.default_root_dir={trainer.default_root_dir!r}"
+    return f"trainer.logger.init_args.save_dir={trainer.loggers[0].save_dir!r}"
+
+
+def _taken_setting(trainer: Trainer) -> str:
+    if not trainer.loggers:
+        return f"trainer.default_root_dir={trainer.default_root_dir!r} with no logger"
+    logger = trainer.loggers[0]
+    version = getattr(logger, "version", None)
+    return f"trainer.logger.init_args.version={version!r}" if version is not None else _folder_setting(trainer)
+
+
+def _taken_advice(trainer: Trainer) -> str:
+    if not trainer.loggers:
+        return "give a new --trainer.default_root_dir, or a logger (each run then gets a new version_N folder)"
+    if getattr(trainer.loggers[0], "version", None) is not None:
+        return "leave the version unset for a new version_N folder, or give an unused one"
+    return "give the logger a new folder"

@@ -1,0 +1,125 @@
+"""A fit stopped by a real SIGINT (Ctrl+C) or SIGTERM, sent to ``batchlab fit`` running as a subprocess: it stops
+without a traceback, says in one line where its checkpoint is, exits with the shell's status for the signal,
+writes a summary marked interrupted, and ``--ckpt_path`` resumes from the saved step to the end. Under DDP, Ctrl+C
+stops every rank and the run resumes from its last epoch's checkpoint."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import QUIET, SEED, command, command_env, load_summary, run_command, run_dirs, scalars, snapshot
+
+from batchlab.cli import make_cli
+
+DATA = ["--data.n_samples", "512", "--data.batch_size", "32"]
+STEPS_PER_EPOCH = 512 // 32
+
+
+def _sigint_as_default():
+    # A process started in the background by a non-interactive shell ignores SIGINT, and Python keeps it ignored;
+    # the test must not depend on how pytest itself was started.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _interrupt_a_fit(tmp_path, signum, *args, group=False):
+    """Start a fit with (practically) no end, wait until it has saved an epoch's checkpoint, send ``signum`` (with
+    ``group``, to its whole process group, as Ctrl+C in a terminal does)."""
+    proc = subprocess.Popen(
+        command("fit", "-c", SEED, *QUIET, *DATA, "--trainer.max_epochs", "100000", *args),
+        cwd=tmp_path, env=command_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_sigint_as_default, start_new_session=group,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("runs/seed/version_0/checkpoints/*.ckpt")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(0.3)  # mid-run, a few steps past the first epoch's checkpoint
+        if group:
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.kill()
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_a_fit_cleanly_and_its_checkpoint_resumes_to_the_end(batchlab, tmp_path, signum):
+    code, out, err = _interrupt_a_fit(tmp_path, signum)
+    name = signal.Signals(signum).name
+
+    assert code == 128 + signum, err[-2000:]
+    assert "Traceback" not in err + out
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"batchlab: interrupted by {name} at epoch "), last
+    (first,) = run_dirs(tmp_path)
+    summary = load_summary(first)
+    assert summary["interrupted"] is True and summary["stopped_by"] == name
+    assert f"interrupted   by {name}" in out
+    ckpt = summary["checkpoint"]
+    # On one device the checkpoint is saved at the step the signal stopped the fit.
+    assert summary["checkpoint_step"] == summary["steps"] > STEPS_PER_EPOCH  # past the first epoch: mid-run
+    assert last == (f"batchlab: interrupted by {name} at epoch {summary['epochs']}, step {summary['steps']}; "
+                    f"resume from step {summary['steps']} with --ckpt_path {ckpt}")
+    saved = torch.load(tmp_path / ckpt, weights_only=False)
+    assert saved["global_step"] == summary["steps"]
+
+    before = snapshot(first)
+    end = summary["epochs"] + 2
+    result = batchlab("fit", "-c", SEED, *QUIET, *DATA, "--trainer.max_epochs", str(end), "--ckpt_path", ckpt)
+    assert result.code == 0, result.err
+    _, resumed = run_dirs(tmp_path)
+    assert snapshot(first) == before
+    resumed_summary = load_summary(resumed)
+    assert resumed_summary["interrupted"] is False and resumed_summary["steps"] == end * STEPS_PER_EPOCH
+    # One loss point per step (log_every_n_steps is 1): the resumed run trained only the steps that were left.
+    assert len(scalars(resumed)["train/loss"]) == end * STEPS_PER_EPOCH - saved["global_step"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_ddp_fit_cleanly_and_it_resumes_from_the_last_epoch(tmp_path):
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    per_epoch = STEPS_PER_EPOCH // 2  # each rank takes half of every epoch
+    code, out, err = _interrupt_a_fit(tmp_path, signal.SIGINT, *ddp, group=True)
+
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err + out
+    (first,) = run_dirs(tmp_path)
+    summary = load_summary(first)
+    assert summary["interrupted"] is True and summary["stopped_by"] == "SIGINT"
+    assert summary["checkpoint_step"] % per_epoch == 0 and 0 < summary["checkpoint_step"] <= summary["steps"]
+    assert err.strip().splitlines()[-1].endswith(
+        f"; resume from step {summary['checkpoint_step']} with --ckpt_path {summary['checkpoint']}")
+    assert out.count("batchlab fit summary") == 1
+
+    end = summary["checkpoint_step"] // per_epoch + 2
+    proc = run_command(tmp_path, "fit", "-c", SEED, *QUIET, *DATA, *ddp, "--trainer.max_epochs", str(end),
+                       "--ckpt_path", summary["checkpoint"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, resumed = run_dirs(tmp_path)
+    assert load_summary(resumed)["steps"] == end * per_epoch
+    assert len(scalars(resumed)["train/loss"]) == 2 * per_epoch
+
+
+def test_only_batchlabs_own_checkpoint_saves_on_interruption_and_only_on_one_device(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["batchlab"])
+
+    def checkpoint(*args):
+        return make_cli(["-c", SEED, *QUIET, *args], run=False).trainer.checkpoint_callback
+
+    assert checkpoint().save_on_exception is True
+    configured = checkpoint("--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.filename=mine")
+    assert configured.filename == "mine" and configured.save_on_exception is False
+    ddp = checkpoint("--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu")
+    assert ddp.save_on_exception is False
