@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -26,26 +26,9 @@ from torch.utils.data import TensorDataset
 
 from batchlab.errors import ConfigError, check
 from batchlab.notebook import NOTEBOOK_X, NOTEBOOK_Y
+from batchlab.synthetic import make_synthetic
 
-
-def make_synthetic(
-    n_samples: int,
-    n_features: int = 2,
-    noise: float = 0.0,
-    x_range: tuple[float, float] = (0.0, 10.0),
-    seed: int = 0,
-) -> tuple[Tensor, Tensor]:
-    """Draw ``x`` uniformly from ``x_range`` and return ``(x, x.sum(1) + noise * N(0, 1))`` as float32.
-
-    A private generator seeded with ``seed`` is used, so the global RNG (model init, shuffling) is untouched.
-    """
-    g = torch.Generator().manual_seed(seed)
-    low, high = x_range
-    x = torch.rand(n_samples, n_features, generator=g) * (high - low) + low
-    y = x.sum(dim=1, keepdim=True)
-    if noise > 0:
-        y = y + noise * torch.randn(n_samples, 1, generator=g)
-    return x, y
+__all__ = ["BatchOrder", "NOTEBOOK_X", "NOTEBOOK_Y", "TensorBatches", "ToyRegressionData", "make_synthetic"]
 
 
 class BatchOrder:
@@ -126,14 +109,20 @@ class TensorBatches:
         device = self.tensors[0].device
         if order is not None:
             order = order.to(device, non_blocking=True)
-        rows, b = len(self.sampler), self.batch_size
-        for start in range(0, len(self) * b, b):
-            stop = min(start + b, rows)
-            if order is None:
-                yield tuple(t[start:stop] for t in self.tensors)
-            else:
-                idx = order[start:stop]
-                yield tuple(t.index_select(0, idx) for t in self.tensors)
+        tensors, b = self.tensors, self.batch_size
+        # Written out for speed: at the seed's sizes this loop runs once per step, beside a step of ~0.3 ms.
+        if order is None:
+            for start in range(0, len(self) * b, b):
+                yield tuple(t[start : start + b] for t in tensors)
+        elif len(tensors) == 2:
+            x, y = tensors
+            for start in range(0, len(self) * b, b):
+                idx = order[start : start + b]
+                yield x.index_select(0, idx), y.index_select(0, idx)
+        else:
+            for start in range(0, len(self) * b, b):
+                idx = order[start : start + b]
+                yield tuple(t.index_select(0, idx) for t in tensors)
 
 
 class ToyRegressionData(LightningDataModule):
@@ -251,10 +240,12 @@ class ToyRegressionData(LightningDataModule):
             train_idx = perm[n_val + n_test :].sort().values
             parts = {"train": train_idx, "val": val_idx, "test": test_idx}
         else:
-            parts = {"train": torch.arange(n)}
+            parts = {"train": None}  # all rows, in order: the tensors themselves, not a copy
         device = self.trainer.strategy.root_device if self.trainer is not None and hp.on_device else "cpu"
         self.splits = {
-            name: (x[idx].to(device), y[idx].to(device)) for name, idx in parts.items() if len(idx) > 0
+            name: (x.to(device), y.to(device)) if idx is None else (x[idx].to(device), y[idx].to(device))
+            for name, idx in parts.items()
+            if idx is None or len(idx) > 0
         }
         self._predict = self.predict_x.to(device)
 
@@ -289,6 +280,13 @@ class ToyRegressionData(LightningDataModule):
 
     def predict_dataloader(self) -> TensorBatches:
         return TensorBatches((self._predict,), self._eval_batch_size())
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # The tensors live on the training device already (``on_device``), so batches need no move; skip
+        # Lightning's generic walk over the batch, a measurable share of a small step.
+        if isinstance(batch, (tuple, list)) and all(isinstance(t, Tensor) and t.device == device for t in batch):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _eval_batch_size(self) -> int:
         return self.hparams.eval_batch_size or self.batch_size
