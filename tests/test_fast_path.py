@@ -171,3 +171,22 @@ def test_module_attribute_fast_path_keeps_nn_module_semantics():
     assert model.hparams.lr == 0.5
     model.automatic_optimization = False
     assert model.automatic_optimization is False
+
+
+def test_last_checkpoint_saves_once_at_the_end_and_is_the_trainers_checkpoint_callback(tmp_path, monkeypatch):
+    from batchlab.checkpoint import LastCheckpoint
+
+    callback = LastCheckpoint(dirpath=tmp_path / "ckpt")
+    trainer = Trainer(
+        max_epochs=3, logger=False, callbacks=[callback], enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+    )  # fmt: skip
+    saves = []
+    original = trainer.save_checkpoint
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda path, *a, **k: (saves.append(path), original(path, *a, **k)))
+    trainer.fit(MLPRegressor(), ToyRegressionData(n_samples=16, batch_size=4))
+    assert trainer.checkpoint_callback is callback
+    assert [Path(p).name for p in saves] == ["last.ckpt"]
+    assert Path(callback.last_model_path) == tmp_path / "ckpt" / "last.ckpt"
+    state = torch.load(callback.last_model_path, weights_only=False)
+    assert state["global_step"] == 12

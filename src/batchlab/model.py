@@ -150,6 +150,13 @@ class MLPRegressor(LightningModule):
     def predict_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         return self(batch[0])
 
+    def on_validation_model_zero_grad(self) -> None:
+        # Lightning frees the gradients before each validation pass to save memory, and calls this every epoch even
+        # when there is nothing to validate (the seed run: a zero_grad per two steps). Gradients are zeroed before
+        # every backward anyway, so skipping it there changes nothing but the time.
+        if any(self.trainer.num_val_batches):
+            super().on_validation_model_zero_grad()
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
         if hp.optimizer == "adam":

@@ -1,6 +1,7 @@
 """What a run reports: the end-of-fit summary, the loss against samples seen, and printed predictions.
 
-Both callbacks are added to every trainer the ``batchlab`` command builds and work with any LightningModule:
+The ``batchlab`` command adds ``RunSummary`` to every trainer and ``PredictionPrinter`` to ``predict``'s; both work
+with any LightningModule:
 
 - ``RunSummary`` times the fit, logs the training loss against *samples seen* (``train/loss_vs_samples``, its
   step is the number of samples, so runs with different batch sizes line up in TensorBoard), logs the
