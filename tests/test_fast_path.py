@@ -190,3 +190,27 @@ def test_last_checkpoint_saves_once_at_the_end_and_is_the_trainers_checkpoint_ca
     assert Path(callback.last_model_path) == tmp_path / "ckpt" / "last.ckpt"
     state = torch.load(callback.last_model_path, weights_only=False)
     assert state["global_step"] == 12
+
+
+def test_device_shuffle_changes_nothing_on_the_cpu():
+    x, y = make_synthetic(50)
+    torch.manual_seed(3)
+    plain = [b for _ in range(3) for b in TensorBatches((x, y), 8, shuffle=True)]
+    state = torch.get_rng_state()
+    torch.manual_seed(3)
+    on_device = [b for _ in range(3) for b in TensorBatches((x, y), 8, shuffle=True, shuffle_on_device=True)]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(plain, on_device))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_shuffle_draws_a_permutation_on_the_gpu_and_keeps_the_cpu_rng_stream():
+    x = torch.arange(1000.0, device="cuda").unsqueeze(1)
+    torch.manual_seed(3)
+    for _ in TensorBatches((x,), 64, shuffle=True):
+        pass
+    state = torch.get_rng_state()
+    torch.manual_seed(3)
+    rows = torch.cat([b[0] for b in TensorBatches((x,), 64, shuffle=True, shuffle_on_device=True)])
+    assert torch.equal(torch.get_rng_state(), state), "the CPU stream advances as with a DataLoader"
+    assert rows.device.type == "cuda" and torch.equal(rows.sort(0).values, x)
