@@ -16,7 +16,8 @@ Variants (``--variants``): ``notebook`` (``batchlab.notebook.train``: per-sample
 (the notebook's model and SGD on batches sliced from in-memory tensors by a permutation: no framework),
 ``batchlab`` (``batchlab fit -c configs/seed.yaml`` with the case's data), ``batchlab-fast`` (plus
 ``configs/fast.yaml``); on the GPU also ``graph-floor`` (the floor's whole step captured in one CUDA graph) and
-``batchlab-compiled`` (``batchlab-fast`` plus ``--model.compile reduce-overhead``).
+``batchlab-compiled`` (``batchlab-fast`` plus ``--model.compile reduce-overhead``); batchlab variants on the GPU
+shuffle on the device (``--data.device_shuffle true``), as the floor does.
 
 How it measures, and why:
 
@@ -301,6 +302,10 @@ def batchlab_args(case: Case, variant: str, save_dir: str) -> list[str]:
         args += ["--model.compile", "reduce-overhead"]
     if case.n is not None:
         args += ["--data.n_samples", str(case.n)]
+    if case.device == "cuda":
+        # The floor draws its permutation on the GPU; so must batchlab, or a CPU randperm of 16M rows (~1 s)
+        # would be most of every epoch.
+        args += ["--data.device_shuffle", "true"]
     args += [
         "--data.batch_size", str(case.batch_size),
         "--trainer.max_epochs", str(case.epochs),

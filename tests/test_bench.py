@@ -41,3 +41,11 @@ def test_batchlab_variants_are_the_seed_config_with_the_cases_data():
     assert args[:4] == ["-c", str(bench.SEED_CONFIG), "-c", str(bench.FAST_CONFIG)]
     assert args[args.index("--data.n_samples") + 1] == "1000000"
     assert args[args.index("--data.batch_size") + 1] == "65536"
+
+
+def test_gpu_variants_shuffle_on_the_device_and_compile_with_cuda_graphs():
+    bench = _bench()
+    args = bench.batchlab_args(bench.CASES["gpu16m"], "batchlab-compiled", "/tmp/x")
+    assert args[args.index("--data.device_shuffle") + 1] == "true"
+    assert args[args.index("--model.compile") + 1] == "reduce-overhead"
+    assert args[args.index("--trainer.accelerator") + 1] == "gpu"
