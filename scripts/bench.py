@@ -31,7 +31,10 @@ How it measures, and why:
   ``setup``, inside ``fit``; the floor creates it with the same function inside its window). ``process MB`` is the
   whole process's peak, imports included (Lightning's imports alone are ~100 MB). On CUDA: peak allocated memory.
 - The machine may be shared: every repeat runs all variants back to back, ratios are taken within a repeat, and
-  the table shows the median over repeats (times too). Compare ratios, not absolute times.
+  the table shows the median over repeats (times too). Compare ratios, not absolute times. Beside wall time, the
+  steady window's process CPU time (all threads) is compared too: on a machine whose cores other work also
+  wants, wall time mostly measures the neighbours, CPU time what each variant itself spent (use ``--threads 1``
+  so that a variant's CPU time is not inflated by spinning OpenMP workers). On a GPU only wall time counts.
 - Whole process: ``batchlab fit -c configs/seed.yaml`` and ``python -m batchlab.notebook`` as subprocesses,
   interpreter start and imports included, alternated ``--process-repeats`` times; medians and their ratio.
 
@@ -194,10 +197,18 @@ def work_notebook(case: Case) -> dict[str, Any]:
 
     with PeakMemory(case.device) as mem:
         x, y = _data(case)
+        cpu0 = time.process_time()
         _, _, seconds = notebook.train(x, y, case.batch_size, case.notebook_epochs, seed=0, device=case.device)
+        cpu = time.process_time() - cpu0
     samples = case.rows * case.notebook_epochs
     steps = case.steps_per_epoch * case.notebook_epochs
-    return {"step_s": seconds / steps, "samples_per_s": samples / seconds, "loop_s": seconds, **mem.result}
+    return {
+        "step_s": seconds / steps,
+        "samples_per_s": samples / seconds,
+        "cpu_step_s": cpu / steps,
+        "loop_s": seconds,
+        **mem.result,
+    }
 
 
 def _floor_model(device: str):
@@ -219,9 +230,9 @@ def work_floor(case: Case) -> dict[str, Any]:
         x, y = (t.to(case.device) for t in _data(case))
         net, opt, loss_fn = _floor_model(case.device)
         n, b = len(x), case.batch_size
-        epoch_s = []
+        epoch_s, epoch_cpu = [], []
         for _ in range(case.epochs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             perm = torch.randperm(n, device=case.device)
             for start in range(0, n, b):
                 idx = perm[start : start + b]
@@ -232,7 +243,8 @@ def work_floor(case: Case) -> dict[str, Any]:
                 opt.step()
             _sync(case.device)
             epoch_s.append(time.perf_counter() - t0)
-    return _steady(case, epoch_s, mem.result)
+            epoch_cpu.append(time.process_time() - c0)
+    return _steady(case, epoch_s, epoch_cpu, mem.result)
 
 
 def work_graph_floor(case: Case) -> dict[str, Any]:
@@ -268,9 +280,9 @@ def work_graph_floor(case: Case) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         with torch.cuda.graph(graph):
             step()
-        epoch_s = []
+        epoch_s, epoch_cpu = [], []
         for _ in range(case.epochs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             perm = torch.randperm(n, device=case.device)
             for start in range(0, n, b):
                 static_idx.copy_(perm[start : start + b])
@@ -279,15 +291,18 @@ def work_graph_floor(case: Case) -> dict[str, Any]:
                 graph.replay()
             _sync(case.device)
             epoch_s.append(time.perf_counter() - t0)
-    return _steady(case, epoch_s, mem.result)
+            epoch_cpu.append(time.process_time() - c0)
+    return _steady(case, epoch_s, epoch_cpu, mem.result)
 
 
-def _steady(case: Case, epoch_s: list[float], mem: dict[str, Any]) -> dict[str, Any]:
-    steady = sum(epoch_s[1:]) if len(epoch_s) > 1 else epoch_s[0]
-    epochs = max(1, len(epoch_s) - 1)
+def _steady(case: Case, epoch_s: list[float], epoch_cpu: list[float], mem: dict[str, Any]) -> dict[str, Any]:
+    first = 1 if len(epoch_s) > 1 else 0
+    steady, cpu = sum(epoch_s[first:]), sum(epoch_cpu[first:])
+    steps = case.steps_per_epoch * (len(epoch_s) - first)
     return {
-        "step_s": steady / (case.steps_per_epoch * epochs),
-        "samples_per_s": case.rows * epochs / steady,
+        "step_s": steady / steps,
+        "samples_per_s": case.rows * (len(epoch_s) - first) / steady,
+        "cpu_step_s": cpu / steps,
         "loop_s": sum(epoch_s),
         **mem,
     }
@@ -316,6 +331,26 @@ def batchlab_args(case: Case, variant: str, save_dir: str) -> list[str]:
     return args
 
 
+def _cpu_clock():
+    """A callback that reads the process's CPU time over RunSummary's steady window (first epoch end to train
+    end); appended after RunSummary, so its end mark also covers RunSummary's last log writes."""
+    from lightning.pytorch import Callback
+
+    class CpuClock(Callback):
+        start: Optional[float] = None
+        cpu_s: Optional[float] = None
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            if self.start is None:
+                self.start = time.process_time()
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            if self.start is not None:
+                self.cpu_s = time.process_time() - self.start
+
+    return CpuClock()
+
+
 def work_batchlab(case: Case, variant: str) -> dict[str, Any]:
     """``batchlab fit`` in-process as the command builds it (``make_cli``), timing the ``fit`` call."""
     from batchlab.cli import _quiet_lightning, make_cli
@@ -325,6 +360,8 @@ def work_batchlab(case: Case, variant: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as save_dir:
         # run=False: LightningCLI parses and builds everything (seeding included) but leaves ``fit`` to us.
         cli = make_cli(batchlab_args(case, variant, save_dir), run=False)
+        clock = _cpu_clock()
+        cli.trainer.callbacks.append(clock)
         with PeakMemory(case.device) as mem:
             t0 = time.perf_counter()
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -332,8 +369,10 @@ def work_batchlab(case: Case, variant: str) -> dict[str, Any]:
             fit_s = time.perf_counter() - t0
         (summary,) = [c.summary for c in cli.trainer.callbacks if isinstance(c, RunSummary)]
     step_s = summary["step_s"]
+    steady_steps = case.steps_per_epoch * (case.epochs - 1)
     return {
         "step_s": step_s,
+        "cpu_step_s": clock.cpu_s / steady_steps if clock.cpu_s is not None and steady_steps else None,
         "samples_per_s": case.rows / (step_s * case.steps_per_epoch),
         "fit_s": fit_s,
         "fit_samples_per_s": case.rows * case.epochs / fit_s,
@@ -480,10 +519,10 @@ def _fmt(v: Optional[float], spec: str, suffix: str = "") -> str:
 
 def table(results: dict[str, CaseResult]) -> str:
     head = (
-        "| case | variant | ms/step (steady) | samples/s | x floor (throughput) | fit() samples/s | "
-        "train MB | x floor (train MB) | process MB |"
+        "| case | variant | ms/step (steady) | samples/s | x floor (throughput) | x floor (CPU time) | "
+        "fit() samples/s | train MB | x floor (train MB) | process MB |"
     )
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, res in results.items():
         case = CASES[name]
         label = f"{name} (n={case.rows:,}, bs {case.batch_size:,}, {case.device})"
@@ -498,6 +537,7 @@ def table(results: dict[str, CaseResult]) -> str:
                         _fmt(res.median(variant, "step_s") and res.median(variant, "step_s") * 1e3, ".4f"),
                         _fmt(res.median(variant, "samples_per_s"), ",.0f"),
                         _fmt(res.ratio(variant, "samples_per_s"), ".2f", "x"),
+                        _fmt(res.ratio(variant, "cpu_step_s", invert=True), ".2f", "x"),
                         _fmt(res.median(variant, "fit_samples_per_s"), ",.0f"),
                         _fmt(res.median(variant, mem_key), ".1f"),
                         _fmt(res.ratio(variant, mem_key), ".2f", "x"),
@@ -521,9 +561,16 @@ def targets(results: dict[str, CaseResult], process: Optional[dict[str, Any]]) -
     if "seed" in results:
         for v in ("batchlab", "batchlab-fast"):
             add(f"seed bs 2: {v} steady step / floor step", results["seed"].ratio(v, "step_s"), 2.0, True)
+            add(f"seed bs 2: {v} steady step / floor step, CPU time", results["seed"].ratio(v, "cpu_step_s"), 2.0, True)
     if "1m" in results:
         for v in ("batchlab", "batchlab-fast"):
             add(f"1m bs 65536: {v} throughput / floor", results["1m"].ratio(v, "samples_per_s"), 0.9, False)
+            add(
+                f"1m bs 65536: {v} throughput / floor, CPU time",
+                results["1m"].ratio(v, "cpu_step_s", invert=True),
+                0.9,
+                False,
+            )
             add(f"1m bs 65536: {v} train peak MB / floor", results["1m"].ratio(v, "train_peak_mb"), 1.5, True)
             add(f"1m bs 65536: {v} process peak MB / floor", results["1m"].ratio(v, "process_peak_mb"), 1.5, True)
     if "gpu16m" in results:
