@@ -24,6 +24,13 @@ CONFIGS = ROOT / "configs"
 SEED = str(CONFIGS / "seed.yaml")
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
+# Tests that start ``python -m batchlab...`` run it in tmp_path; a relative PYTHONPATH (``PYTHONPATH=src pytest``)
+# would then find another batchlab, or none. Make it absolute so subprocesses import the code under test.
+if os.environ.get("PYTHONPATH"):
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        str(Path(p).resolve()) for p in os.environ["PYTHONPATH"].split(os.pathsep) if p
+    )
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 DEVICES = ["cpu", pytest.param("gpu", marks=cuda)]
 

@@ -255,6 +255,10 @@ class BatchlabCLI(LightningCLI):
             if isinstance(callback, RunSummary) and callback.summary and self.trainer.is_global_zero:
                 print(format_summary(callback.summary))
 
+    def before_predict(self) -> None:
+        # Only predict needs it; every callback costs each training step a call per hook.
+        self.trainer.callbacks.append(PredictionPrinter())
+
     def after_predict(self) -> None:
         for callback in self.trainer.callbacks:
             if isinstance(callback, PredictionPrinter) and self.trainer.is_global_zero:
@@ -272,7 +276,7 @@ def make_cli(args: Optional[list[str]] = None, run: bool = True) -> BatchlabCLI:
         parser_class=BatchlabParser,
         # The optimizer is configured through the model's own lr/optimizer/momentum, the one way batchlab has.
         auto_configure_optimizers=False,
-        trainer_defaults={"callbacks": [RunSummary(verbose=False), PredictionPrinter()]},
+        trainer_defaults={"callbacks": [RunSummary(verbose=False)]},
         args=args,
         run=run,
     )

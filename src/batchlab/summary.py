@@ -1,6 +1,7 @@
 """What a run reports: the end-of-fit summary, the loss against samples seen, and printed predictions.
 
-Both callbacks are added to every trainer the ``batchlab`` command builds and work with any LightningModule:
+The ``batchlab`` command adds ``RunSummary`` to every trainer and ``PredictionPrinter`` to ``predict``'s; both work
+with any LightningModule:
 
 - ``RunSummary`` times the fit, logs the training loss against *samples seen* (``train/loss_vs_samples``, its
   step is the number of samples, so runs with different batch sizes line up in TensorBoard), logs the
@@ -96,21 +97,31 @@ class RunSummary(Callback):
     """Measure a fit and report it: ``summary.json``, a printed summary, TensorBoard's samples-seen curve and
     HParams.
 
+    Per step it only counts samples and keeps the loss tensor of each logged step; the logged losses are written
+    to the loggers in groups of ``log_buffer``, so that on a GPU a step does not wait for the device just to log
+    (one transfer per group instead of one per step). A module with ``logs_train_loss = False`` (batchlab's
+    ``MLPRegressor(lean_step=True)``) leaves ``train/loss`` to this callback, which writes it at the steps and
+    cadence Lightning would (with Lightning's ``epoch`` beside it).
+
     Args:
         filename: Name of the summary written into the run's log directory.
         verbose: Print the summary at the end of the fit.
+        log_buffer: Logged steps kept before they are written; 1 writes each step's point at once.
     """
 
-    def __init__(self, filename: str = "summary.json", verbose: bool = True) -> None:
+    def __init__(self, filename: str = "summary.json", verbose: bool = True, log_buffer: int = 64) -> None:
         self.filename = filename
         self.verbose = verbose
+        self.log_buffer = max(1, log_buffer)
         self.samples_seen = 0
         self.summary: Optional[dict[str, Any]] = None
         self._fit_start: Optional[float] = None
         self._saved_step: Optional[int] = None  # the global step of the latest checkpoint saved
+        self._pending: list[tuple[int, int, int, torch.Tensor]] = []
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._fit_start = None  # set once the fit starts: an exception before then has nothing to summarise
+        self._pending = []
 
     # Timing. Steady state is everything after the first epoch, which carries the warm-up.
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -118,35 +129,56 @@ class RunSummary(Callback):
         self._first_epoch_end: Optional[tuple[float, int]] = None
         self._last_loss: Optional[torch.Tensor] = None
         self._last_logged_step = -1
+        self._pending = []
         self.summary = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._train_start = time.perf_counter()
         self._start_step = trainer.global_step
         self._start_samples = self.samples_seen
+        self._log_loss_too = not getattr(pl_module, "logs_train_loss", True)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self.samples_seen += extract_batch_size(batch) * trainer.world_size
+        first = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+        rows = len(first) if isinstance(first, torch.Tensor) and first.dim() else extract_batch_size(batch)
+        self.samples_seen += rows * trainer.world_size
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             self._last_loss = loss.detach()
         step = trainer.global_step
         if (
-            trainer.logger is not None
+            trainer.loggers
             and self._last_loss is not None
             and step % trainer.log_every_n_steps == 0
             and step != self._last_logged_step
         ):
             self._last_logged_step = step
-            trainer.logger.log_metrics({"train/loss_vs_samples": self._last_loss.item()}, step=self.samples_seen)
+            self._pending.append((step, self.samples_seen, trainer.current_epoch, self._last_loss))
+            if len(self._pending) >= self.log_buffer:
+                self._write_pending(trainer)
+
+    def _write_pending(self, trainer: Trainer) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        values = torch.stack([p[3].reshape(()) for p in pending]).float().tolist()  # one device sync per group
+        for logger in trainer.loggers:
+            for (step, samples, epoch, _), value in zip(pending, values):
+                if self._log_loss_too:
+                    # Lightning logs a step's metrics under the step count before it, with the epoch beside them.
+                    logger.log_metrics({"train/loss": value, "epoch": epoch}, step=step - 1)
+                logger.log_metrics({"train/loss_vs_samples": value}, step=samples)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._first_epoch_end is None:
+            _sync(pl_module)
             self._first_epoch_end = (time.perf_counter(), trainer.global_step)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write_pending(trainer)
+        _sync(pl_module)
         self._train_end = time.perf_counter()
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -160,6 +192,7 @@ class RunSummary(Callback):
         Lightning calls this hook before its checkpoint callbacks save and then ends the fit without
         ``on_fit_end``. Nothing here may wait for the other ranks: they need not all reach this hook.
         """
+        self._write_pending(trainer)
         if trainer.state.fn != TrainerFn.FITTING or self._fit_start is None:
             return
         self.summary = self._summarise(trainer, pl_module)
@@ -373,6 +406,12 @@ def _fmt_row(values: Any) -> str:
     if isinstance(values, (list, tuple)):
         return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"
     return f"{values:.6g}"
+
+
+def _sync(pl_module: LightningModule) -> None:
+    """Wait for the device, so that a timestamp taken next covers the work queued before it (GPU only)."""
+    if pl_module.device.type == "cuda":
+        torch.cuda.synchronize(pl_module.device)
 
 
 def _env_int(name: str) -> Optional[int]:

@@ -1,0 +1,691 @@
+"""The speed benchmark: batchlab's fit beside the notebook's loop and the eager floor, side by side in one run.
+
+    python scripts/bench.py                               # every case (the GPU one only where CUDA is available)
+    python scripts/bench.py --cases seed --repeats 5      # one case, more repeats
+    python scripts/bench.py --cases 1m --variants floor,batchlab --no-process
+    python scripts/bench.py --json results.json           # where the JSON goes (default: bench.json, git-ignored)
+
+Cases (``--cases``):
+
+- ``seed``: the notebook's four points at batch size 2 (``--seed-epochs`` epochs, 500 by default, so that the steady
+  state holds ~1000 steps instead of the seed's 100);
+- ``100k``: 100,000 synthetic samples at batch size 1024; ``1m``: 1,000,000 at 65,536;
+- ``gpu16m``: 16M samples at 1M per batch on CUDA, with a CUDA-graph floor (skipped without CUDA).
+
+Variants (``--variants``): ``notebook`` (``batchlab.notebook.train``: per-sample Dataset + DataLoader), ``floor``
+(the notebook's model and SGD on batches sliced from in-memory tensors by a permutation: no framework),
+``batchlab`` (``batchlab fit -c configs/seed.yaml`` with the case's data), ``batchlab-fast`` (plus
+``configs/fast.yaml``); on the GPU also ``graph-floor`` (the floor's whole step captured in one CUDA graph) and
+``batchlab-compiled`` (``batchlab-fast`` plus ``--model.compile reduce-overhead``); batchlab variants on the GPU
+shuffle on the device (``--data.device_shuffle true``), as the floor does.
+
+How it measures, and why:
+
+- Each measurement runs in its own subprocess (this script with ``--worker``), so that every variant has its own
+  peak memory and none inherits another's warm caches or allocator state.
+- Steady state excludes the first epoch (warm-up, lazy initialisation, compilation). For batchlab it is
+  ``RunSummary``'s ``step_s`` (first epoch end to train end), for the floor the same span timed in the loop; the
+  whole ``trainer.fit`` call is reported too. The notebook loop is timed whole, as the notebook does.
+- Peak memory: the resident-set high-water mark. ``/proc/self/clear_refs`` resets it just before the measured
+  work, so ``train MB`` is what data creation plus training added to the process (batchlab creates its data in
+  ``setup``, inside ``fit``; the floor creates it with the same function inside its window). ``process MB`` is the
+  whole process's peak, imports included (Lightning's imports alone are ~100 MB). On CUDA: peak allocated memory.
+- The machine may be shared: every repeat runs all variants back to back, ratios are taken within a repeat, and
+  the table shows the median over repeats (times too). Compare ratios, not absolute times. Beside wall time, the
+  steady window's process CPU time (all threads) is compared too: on a machine whose cores other work also
+  wants, wall time mostly measures the neighbours, CPU time what each variant itself spent (use ``--threads 1``
+  so that a variant's CPU time is not inflated by spinning OpenMP workers). On a GPU only wall time counts.
+- Whole process: ``batchlab fit -c configs/seed.yaml`` and ``python -m batchlab.notebook`` as subprocesses,
+  interpreter start and imports included, alternated ``--process-repeats`` times; medians and their ratio.
+
+Only ratios from one run mean anything: run it again rather than comparing with figures from another day.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED_CONFIG = ROOT / "configs" / "seed.yaml"
+FAST_CONFIG = ROOT / "configs" / "fast.yaml"
+RESULT_TAG = "BENCH_RESULT "
+
+
+@dataclass
+class Case:
+    """One data size and batch size.
+
+    Args:
+        n: Training samples; None is the notebook's four points.
+        batch_size: Samples per step.
+        epochs: Epochs of the floor and batchlab runs (the first is excluded from the steady state).
+        notebook_epochs: Epochs of the notebook loop (it is slow at large sizes); 0 skips it.
+        device: ``cpu`` or ``cuda``.
+    """
+
+    n: Optional[int]
+    batch_size: int
+    epochs: int
+    notebook_epochs: int
+    device: str = "cpu"
+
+    @property
+    def rows(self) -> int:
+        return 4 if self.n is None else self.n
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.rows / self.batch_size)
+
+
+CASES = {
+    "seed": Case(None, 2, 500, 500),
+    "100k": Case(100_000, 1024, 8, 2),
+    "1m": Case(1_000_000, 65_536, 8, 1),
+    # The per-sample notebook loop would take minutes per epoch at 16M samples; it is left out there.
+    "gpu16m": Case(1 << 24, 1 << 20, 5, 0, device="cuda"),
+}
+CPU_VARIANTS = ["notebook", "floor", "batchlab", "batchlab-fast"]
+GPU_VARIANTS = ["floor", "graph-floor", "batchlab", "batchlab-fast", "batchlab-compiled"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Workers: one measurement each, in its own process.
+
+
+def _status_kb(field_name: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory of the work inside ``with``: resident set on the CPU (high-water mark reset at entry), peak
+    allocated memory on CUDA."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.result: dict[str, Any] = {}
+
+    def __enter__(self) -> PeakMemory:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._cuda0 = torch.cuda.memory_allocated()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS (Linux)
+            self._reset = True
+        except OSError:
+            self._reset = False
+        self._rss0 = _status_kb("VmRSS")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import resource
+
+        import torch
+
+        hwm = _status_kb("VmHWM")
+        self.result = {
+            "process_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "train_peak_mb": (hwm - self._rss0) / 1024 if self._reset and hwm and self._rss0 else None,
+        }
+        if self.device == "cuda":
+            self.result["cuda_peak_mb"] = (torch.cuda.max_memory_allocated() - self._cuda0) / 2**20
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _warm_up(device: str) -> None:
+    """One throwaway training step, before any measurement window: torch initialises parts of itself lazily on
+    first use (autograd, the optimizer's dynamo guard imports ``torch._dynamo``, ~100 MB), and that one-time cost
+    belongs to no variant. Lightning's imports happen to trigger some of it, which would otherwise flatter
+    batchlab's memory figures."""
+    import torch
+
+    from batchlab.notebook import MyNeuralNet
+
+    net = MyNeuralNet().to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(net(torch.ones(2, 2, device=device)), torch.ones(2, 1, device=device)).backward()
+    opt.step()
+    _sync(device)
+
+
+def _data(case: Case):
+    """The case's data as ``ToyRegressionData(n_samples=n).full_data()`` makes it, without importing Lightning
+    (the plain loops' processes hold torch only, as the notebook's does)."""
+    import torch
+
+    from batchlab.notebook import NOTEBOOK_X, NOTEBOOK_Y
+    from batchlab.synthetic import make_synthetic
+
+    if case.n is None:
+        return torch.tensor(NOTEBOOK_X), torch.tensor(NOTEBOOK_Y)
+    return make_synthetic(case.n)
+
+
+def work_notebook(case: Case) -> dict[str, Any]:
+    from batchlab import notebook
+
+    with PeakMemory(case.device) as mem:
+        x, y = _data(case)
+        cpu0 = time.process_time()
+        _, _, seconds = notebook.train(x, y, case.batch_size, case.notebook_epochs, seed=0, device=case.device)
+        cpu = time.process_time() - cpu0
+    samples = case.rows * case.notebook_epochs
+    steps = case.steps_per_epoch * case.notebook_epochs
+    return {
+        "step_s": seconds / steps,
+        "samples_per_s": samples / seconds,
+        "cpu_step_s": cpu / steps,
+        "loop_s": seconds,
+        **mem.result,
+    }
+
+
+def _floor_model(device: str):
+    import torch
+    from torch import nn
+
+    from batchlab.notebook import MyNeuralNet
+
+    torch.manual_seed(0)
+    net = MyNeuralNet().to(device)
+    return net, torch.optim.SGD(net.parameters(), lr=1e-3), nn.MSELoss()
+
+
+def work_floor(case: Case) -> dict[str, Any]:
+    """The eager floor: the notebook's net and SGD, batches gathered from a fresh permutation every epoch."""
+    import torch
+
+    with PeakMemory(case.device) as mem:
+        x, y = (t.to(case.device) for t in _data(case))
+        net, opt, loss_fn = _floor_model(case.device)
+        n, b = len(x), case.batch_size
+        epoch_s, epoch_cpu = [], []
+        for _ in range(case.epochs):
+            t0, c0 = time.perf_counter(), time.process_time()
+            perm = torch.randperm(n, device=case.device)
+            for start in range(0, n, b):
+                idx = perm[start : start + b]
+                xb, yb = x.index_select(0, idx), y.index_select(0, idx)
+                opt.zero_grad()
+                loss = loss_fn(net(xb), yb)
+                loss.backward()
+                opt.step()
+            _sync(case.device)
+            epoch_s.append(time.perf_counter() - t0)
+            epoch_cpu.append(time.process_time() - c0)
+    return _steady(case, epoch_s, epoch_cpu, mem.result)
+
+
+def work_graph_floor(case: Case) -> dict[str, Any]:
+    """The whole step (gather, forward, backward, SGD) captured once in a CUDA graph and replayed per batch.
+
+    Follows PyTorch's whole-network capture recipe: warm up on a side stream, capture with static inputs
+    (here the index vector of the batch), then per step copy the next indices in and replay.
+    """
+    import torch
+
+    assert case.device == "cuda" and case.rows % case.batch_size == 0, "graph floor needs CUDA and full batches"
+    with PeakMemory(case.device) as mem:
+        x, y = (t.to(case.device) for t in _data(case))
+        net, opt, loss_fn = _floor_model(case.device)
+        n, b = len(x), case.batch_size
+        static_idx = torch.arange(b, device=case.device)
+
+        def step() -> torch.Tensor:
+            xb, yb = x.index_select(0, static_idx), y.index_select(0, static_idx)
+            loss = loss_fn(net(xb), yb)
+            loss.backward()
+            opt.step()
+            return loss
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                opt.zero_grad(set_to_none=True)
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            step()
+        epoch_s, epoch_cpu = [], []
+        for _ in range(case.epochs):
+            t0, c0 = time.perf_counter(), time.process_time()
+            perm = torch.randperm(n, device=case.device)
+            for start in range(0, n, b):
+                static_idx.copy_(perm[start : start + b])
+                # The captured backward accumulates into the same gradient buffers; SGD reads them, and the
+                # next replay's backward overwrites them (captured with grads set to None, so no accumulation).
+                graph.replay()
+            _sync(case.device)
+            epoch_s.append(time.perf_counter() - t0)
+            epoch_cpu.append(time.process_time() - c0)
+    return _steady(case, epoch_s, epoch_cpu, mem.result)
+
+
+def _steady(case: Case, epoch_s: list[float], epoch_cpu: list[float], mem: dict[str, Any]) -> dict[str, Any]:
+    first = 1 if len(epoch_s) > 1 else 0
+    steady, cpu = sum(epoch_s[first:]), sum(epoch_cpu[first:])
+    steps = case.steps_per_epoch * (len(epoch_s) - first)
+    return {
+        "step_s": steady / steps,
+        "samples_per_s": case.rows * (len(epoch_s) - first) / steady,
+        "cpu_step_s": cpu / steps,
+        "loop_s": sum(epoch_s),
+        **mem,
+    }
+
+
+def batchlab_args(case: Case, variant: str, save_dir: str) -> list[str]:
+    """The ``batchlab fit`` arguments of a variant (without ``fit``): the seed config with the case's data."""
+    args = ["-c", str(SEED_CONFIG)]
+    if variant in ("batchlab-fast", "batchlab-compiled"):
+        args += ["-c", str(FAST_CONFIG)]
+    if variant == "batchlab-compiled":
+        args += ["--model.compile", "reduce-overhead"]
+    if case.n is not None:
+        args += ["--data.n_samples", str(case.n)]
+    if case.device == "cuda":
+        # The floor draws its permutation on the GPU; so must batchlab, or a CPU randperm of 16M rows (~1 s)
+        # would be most of every epoch.
+        args += ["--data.device_shuffle", "true"]
+    args += [
+        "--data.batch_size", str(case.batch_size),
+        "--trainer.max_epochs", str(case.epochs),
+        "--trainer.accelerator", "gpu" if case.device == "cuda" else "cpu",
+        "--trainer.logger.init_args.save_dir", save_dir,
+        "--seed_everything", "0",
+    ]  # fmt: skip
+    return args
+
+
+def _cpu_clock():
+    """A callback that reads the process's CPU time over RunSummary's steady window (first epoch end to train
+    end); appended after RunSummary, so its end mark also covers RunSummary's last log writes."""
+    from lightning.pytorch import Callback
+
+    class CpuClock(Callback):
+        start: Optional[float] = None
+        cpu_s: Optional[float] = None
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            if self.start is None:
+                self.start = time.process_time()
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            if self.start is not None:
+                self.cpu_s = time.process_time() - self.start
+
+    return CpuClock()
+
+
+def work_batchlab(case: Case, variant: str) -> dict[str, Any]:
+    """``batchlab fit`` in-process as the command builds it (``make_cli``), timing the ``fit`` call."""
+    from batchlab.cli import _quiet_lightning, make_cli
+    from batchlab.summary import RunSummary
+
+    _quiet_lightning()
+    with tempfile.TemporaryDirectory() as save_dir:
+        # run=False: LightningCLI parses and builds everything (seeding included) but leaves ``fit`` to us.
+        cli = make_cli(batchlab_args(case, variant, save_dir), run=False)
+        clock = _cpu_clock()
+        cli.trainer.callbacks.append(clock)
+        with PeakMemory(case.device) as mem:
+            t0 = time.perf_counter()
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            _sync(case.device)
+            fit_s = time.perf_counter() - t0
+        (summary,) = [c.summary for c in cli.trainer.callbacks if isinstance(c, RunSummary)]
+    step_s = summary["step_s"]
+    steady_steps = case.steps_per_epoch * (case.epochs - 1)
+    return {
+        "step_s": step_s,
+        "cpu_step_s": clock.cpu_s / steady_steps if clock.cpu_s is not None and steady_steps else None,
+        "samples_per_s": case.rows / (step_s * case.steps_per_epoch),
+        "fit_s": fit_s,
+        "fit_samples_per_s": case.rows * case.epochs / fit_s,
+        "steps": summary["steps"],
+        **mem.result,
+    }
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    case = Case(**spec["case"])
+    variant = spec["variant"]
+    if spec.get("threads"):
+        import torch
+
+        torch.set_num_threads(spec["threads"])
+    _warm_up(case.device)  # every variant seeds itself afterwards
+    import batchlab.synthetic  # noqa: F401 (imported outside the memory window)
+    if variant == "notebook":
+        return work_notebook(case)
+    if variant == "floor":
+        return work_floor(case)
+    if variant == "graph-floor":
+        return work_graph_floor(case)
+    return work_batchlab(case, variant)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The driver: workers in subprocesses, interleaved; the table and the JSON.
+
+
+MMAP_THRESHOLD: Optional[int] = None  # --malloc-mmap-threshold
+
+
+def _env() -> dict[str, str]:
+    # Workers import the batchlab of this checkout, whatever is installed.
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))])
+    if MMAP_THRESHOLD is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    return env
+
+
+def spawn_worker(case: Case, variant: str, timeout: float, threads: Optional[int] = None) -> dict[str, Any]:
+    spec = json.dumps({"case": asdict(case), "variant": variant, "threads": threads})
+    with tempfile.TemporaryDirectory() as cwd:
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", spec],
+            cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG) :])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+    return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+
+
+def _median(values: list[Optional[float]]) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+@dataclass
+class CaseResult:
+    runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def median(self, variant: str, key: str) -> Optional[float]:
+        return _median([r.get(key) for r in self.runs.get(variant, [])])
+
+    def ratio(self, variant: str, key: str, base: str = "floor", invert: bool = False) -> Optional[float]:
+        """Median over repeats of ``variant[key] / base[key]`` taken within each repeat."""
+        pairs = zip(self.runs.get(variant, []), self.runs.get(base, []))
+        ratios = []
+        for a, b in pairs:
+            if a.get(key) and b.get(key):
+                ratios.append(b[key] / a[key] if invert else a[key] / b[key])
+        return _median(ratios)
+
+
+def bench_cases(
+    names: list[str], variants: Optional[list[str]], repeats: int, timeout: float, threads: Optional[int] = None
+) -> dict[str, CaseResult]:
+    import torch
+
+    results: dict[str, CaseResult] = {}
+    for name in names:
+        case = CASES[name]
+        if case.device == "cuda" and not torch.cuda.is_available():
+            print(f"[{name}] skipped: no CUDA device", flush=True)
+            continue
+        wanted = variants or (GPU_VARIANTS if case.device == "cuda" else CPU_VARIANTS)
+        if case.notebook_epochs == 0:
+            wanted = [v for v in wanted if v != "notebook"]
+        if case.device != "cuda":
+            wanted = [v for v in wanted if v not in ("graph-floor", "batchlab-compiled")]
+        result = results[name] = CaseResult()
+        for rep in range(repeats):
+            for variant in wanted:
+                t0 = time.perf_counter()
+                run = spawn_worker(case, variant, timeout, threads)
+                result.runs.setdefault(variant, []).append(run)
+                shown = run.get("error") or f"{run['step_s'] * 1e3:.4f} ms/step"
+                print(f"[{name} {rep + 1}/{repeats}] {variant:<17} {shown}  ({time.perf_counter() - t0:.1f} s)", flush=True)
+    return results
+
+
+def bench_process(repeats: int, timeout: float) -> dict[str, Any]:
+    """Whole processes, interpreter start included: the seed run as the README's command, and the notebook."""
+    commands = {
+        "notebook": [sys.executable, "-m", "batchlab.notebook"],
+        "batchlab": [sys.executable, "-m", "batchlab.cli", "fit", "-c", str(SEED_CONFIG)],
+        "batchlab-fast": [sys.executable, "-m", "batchlab.cli", "fit", "-c", str(SEED_CONFIG), "-c", str(FAST_CONFIG)],
+    }
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in commands}
+    with tempfile.TemporaryDirectory() as cwd:
+        for rep in range(repeats):
+            for name, cmd in commands.items():
+                with tempfile.TemporaryFile() as err:
+                    t0 = time.perf_counter()
+                    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
+                    # wait4 gives this child's own peak RSS, which getrusage(RUSAGE_CHILDREN) would not.
+                    _, status, usage = os.wait4(proc.pid, 0)
+                    wall = time.perf_counter() - t0
+                    proc.returncode = os.waitstatus_to_exitcode(status)
+                    if proc.returncode != 0:
+                        err.seek(0)
+                        last = err.read().decode(errors="replace").strip().splitlines()[-1:]
+                        raise RuntimeError(f"{' '.join(cmd)} failed with exit {proc.returncode}: {last}")
+                runs[name].append({"wall_s": wall, "peak_mb": usage.ru_maxrss / 1024})
+                print(f"[process {rep + 1}/{repeats}] {name:<14} {wall:.2f} s", flush=True)
+    out: dict[str, Any] = {"runs": runs}
+    for name in commands:
+        out[name] = {
+            "wall_s": _median([r["wall_s"] for r in runs[name]]),
+            "peak_mb": _median([r["peak_mb"] for r in runs[name]]),
+        }
+    for name in ("batchlab", "batchlab-fast"):
+        out[f"{name}_vs_notebook"] = out[name]["wall_s"] / out["notebook"]["wall_s"]
+    return out
+
+
+def _fmt(v: Optional[float], spec: str, suffix: str = "") -> str:
+    return "-" if v is None else f"{v:{spec}}{suffix}"
+
+
+def table(results: dict[str, CaseResult]) -> str:
+    head = (
+        "| case | variant | ms/step (steady) | samples/s | x floor (throughput) | x floor (CPU time) | "
+        "fit() samples/s | train MB | x floor (train MB) | process MB |"
+    )
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, res in results.items():
+        case = CASES[name]
+        label = f"{name} (n={case.rows:,}, bs {case.batch_size:,}, {case.device})"
+        for variant in res.runs:
+            mem_key = "cuda_peak_mb" if case.device == "cuda" else "train_peak_mb"
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        label,
+                        variant,
+                        _fmt(res.median(variant, "step_s") and res.median(variant, "step_s") * 1e3, ".4f"),
+                        _fmt(res.median(variant, "samples_per_s"), ",.0f"),
+                        _fmt(res.ratio(variant, "samples_per_s"), ".2f", "x"),
+                        _fmt(res.ratio(variant, "cpu_step_s", invert=True), ".2f", "x"),
+                        _fmt(res.median(variant, "fit_samples_per_s"), ",.0f"),
+                        _fmt(res.median(variant, mem_key), ".1f"),
+                        _fmt(res.ratio(variant, mem_key), ".2f", "x"),
+                        _fmt(res.median(variant, "process_peak_mb"), ".0f"),
+                    ]
+                )
+                + " |"
+            )
+            label = ""
+    return "\n".join(lines)
+
+
+def targets(results: dict[str, CaseResult], process: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, each as measured in this run."""
+    out = []
+
+    def add(name: str, value: Optional[float], limit: float, at_most: bool) -> None:
+        met = None if value is None else (value <= limit if at_most else value >= limit)
+        out.append({"target": name, "value": value, "limit": limit, "at_most": at_most, "met": met})
+
+    if "seed" in results:
+        for v in ("batchlab", "batchlab-fast"):
+            add(f"seed bs 2: {v} steady step / floor step", results["seed"].ratio(v, "step_s"), 2.0, True)
+            add(f"seed bs 2: {v} steady step / floor step, CPU time", results["seed"].ratio(v, "cpu_step_s"), 2.0, True)
+    if "1m" in results:
+        for v in ("batchlab", "batchlab-fast"):
+            add(f"1m bs 65536: {v} throughput / floor", results["1m"].ratio(v, "samples_per_s"), 0.9, False)
+            add(
+                f"1m bs 65536: {v} throughput / floor, CPU time",
+                results["1m"].ratio(v, "cpu_step_s", invert=True),
+                0.9,
+                False,
+            )
+            add(f"1m bs 65536: {v} train peak MB / floor", results["1m"].ratio(v, "train_peak_mb"), 1.5, True)
+            add(f"1m bs 65536: {v} process peak MB / floor", results["1m"].ratio(v, "process_peak_mb"), 1.5, True)
+    if "gpu16m" in results:
+        for v in ("batchlab-fast", "batchlab-compiled"):
+            add(
+                f"gpu16m bs 1M: {v} throughput / graph floor",
+                results["gpu16m"].ratio(v, "samples_per_s", base="graph-floor"),
+                0.5,
+                False,
+            )
+    if process:
+        add("process: batchlab fit -c seed.yaml / notebook script", process["batchlab_vs_notebook"], 2.5, True)
+    return out
+
+
+def machine() -> dict[str, Any]:
+    import lightning
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    try:
+        info["load_avg_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
+    parser.add_argument("--variants", default=None, help="comma-separated subset of the variants (default: all)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every variant (default 3)")
+    parser.add_argument("--seed-epochs", type=int, default=CASES["seed"].epochs, help="epochs of the seed case")
+    parser.add_argument("--process-repeats", type=int, default=5, help="whole-process runs of each command")
+    parser.add_argument("--no-process", action="store_true", help="skip the whole-process comparison")
+    parser.add_argument("--json", default="bench.json", help="where to write the results (default bench.json)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds one measurement may take")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch intra-op threads in every measurement (default: torch's own). On a shared machine 1 is far\n"
+        "steadier: a parallel kernel waits for its slowest thread, and a busy neighbour makes that one slow",
+    )  # fmt: skip
+    parser.add_argument(
+        "--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+        help="set glibc's MALLOC_MMAP_THRESHOLD_ in the measurements (e.g. 131072): blocks above it go back to\n"
+        "the OS when freed, so peak RSS shows live memory instead of what glibc's adaptive threshold keeps",
+    )  # fmt: skip
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(RESULT_TAG + json.dumps(run_worker(json.loads(args.worker))), flush=True)
+        return 0
+
+    global MMAP_THRESHOLD
+    MMAP_THRESHOLD = args.malloc_mmap_threshold
+    CASES["seed"].epochs = CASES["seed"].notebook_epochs = args.seed_epochs
+    names = [c for c in args.cases.split(",") if c]
+    unknown = set(names) - set(CASES)
+    if unknown:
+        parser.error(f"unknown case(s) {sorted(unknown)}: choose from {', '.join(CASES)}")
+    variants = args.variants.split(",") if args.variants else None
+    info = machine()
+    t0 = time.perf_counter()
+    results = bench_cases(names, variants, args.repeats, args.timeout, args.threads)
+    process = None if args.no_process else bench_process(args.process_repeats, args.timeout)
+    goals = targets(results, process)
+
+    print(f"\nmachine: {info['platform']}, {info['cpus']} CPUs, torch {info['torch']}, lightning {info['lightning']}"
+          + (f", {info['cuda_device']}" if "cuda_device" in info else ""))
+    print(
+        f"medians of {args.repeats} interleaved repeats; x floor = ratio to the floor within a repeat, median; "
+        f"torch threads: {args.threads or info['torch_threads']}"
+        + (f"; MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}" if args.malloc_mmap_threshold else "")
+        + "\n"
+    )
+    print(table(results))
+    if process:
+        print("\n| whole process (interpreter start included) | median s | peak MB | x notebook |")
+        print("|---|---:|---:|---:|")
+        for name, label in [
+            ("notebook", "python -m batchlab.notebook"),
+            ("batchlab", "batchlab fit -c configs/seed.yaml"),
+            ("batchlab-fast", "batchlab fit -c configs/seed.yaml -c configs/fast.yaml"),
+        ]:
+            ratio = process[name]["wall_s"] / process["notebook"]["wall_s"]
+            print(f"| {label} | {process[name]['wall_s']:.2f} | {process[name]['peak_mb']:.0f} | {ratio:.2f}x |")
+    print("\n| target | measured | limit | met |")
+    print("|---|---:|---:|---|")
+    for g in goals:
+        sign = "<=" if g["at_most"] else ">="
+        met = {True: "yes", False: "NO", None: "-"}[g["met"]]
+        print(f"| {g['target']} | {_fmt(g['value'], '.2f', 'x')} | {sign} {g['limit']}x | {met} |")
+
+    out = {
+        "machine": info,
+        "args": vars(args),
+        "elapsed_s": time.perf_counter() - t0,
+        "cases": {name: {"case": asdict(CASES[name]), "runs": res.runs} for name, res in results.items()},
+        "process": process,
+        "targets": goals,
+    }
+    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"\nwrote {args.json} ({out['elapsed_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
