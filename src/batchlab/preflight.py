@@ -84,7 +84,7 @@ def check_trainer_settings(trainer: Trainer) -> None:
     clip = trainer.gradient_clip_val
     check(
         clip is None or (math.isfinite(clip) and clip >= 0),
-        f"trainer.gradient_clip_val={clip:g} is not allowed: use a finite number >= 0 (0 or null: no clipping)",
+        f"trainer.gradient_clip_val={clip if clip is None else format(clip, 'g')} is not allowed: use a finite number >= 0 (0 or null: no clipping)",
     )
 
 
