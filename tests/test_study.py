@@ -246,7 +246,9 @@ def test_the_lr_grid_is_extended_towards_the_better_edge(results, direction):
     assert study_module._extend_direction(results) == direction
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)], ids=["SIGINT", "SIGTERM"]
+)
 def test_a_real_signal_stops_a_study_cleanly_and_a_rerun_repeats_no_trial(tmp_path, signum):
     """Sent to ``batchlab study`` running as a subprocess once three trials are written."""
     proc = subprocess.Popen(command(*TINY), cwd=tmp_path, env=command_env(), stdout=subprocess.PIPE,
