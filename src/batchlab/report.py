@@ -207,9 +207,12 @@ def _plots(root: Path, summary: dict[str, Any], trials: list[dict[str, Any]], gn
             save(fig, "time_to_target.png")
 
             fig, ax = plt.subplots(figsize=(6, 4))
-            for t in _best_trials(s, trials):
+            best_trials = _best_trials(s, trials)
+            colours = plt.cm.viridis([i / max(1, len(best_trials) - 1) for i in range(len(best_trials))])
+            for t, colour in zip(best_trials, colours):
                 curve = [p for p in t["curve"] if math.isfinite(p["value"]) and p["samples"] > 0]
-                ax.plot([p["samples"] for p in curve], [p["value"] for p in curve], label=f"B={t['batch_size']}")
+                ax.plot([p["samples"] for p in curve], [p["value"] for p in curve], color=colour,
+                        label=f"B={t['batch_size']}")
             ax.axhline(s["target"], color="black", ls=":", lw=1, label="target")
             ax.set(xscale="log", yscale="log", xlabel="samples seen", ylabel=s["monitor"],
                    title="Validation against samples seen")
