@@ -62,3 +62,18 @@ class NormedClassifier(Classifier):
         self.net = torch.nn.Sequential(
             torch.nn.Linear(dim, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(), torch.nn.Linear(16, 2)
         )
+
+
+class ManualClassifier(Classifier):
+    """Manual optimization: its training_step steps the optimizer itself and returns nothing to differentiate."""
+
+    def __init__(self, dim: int = 4, learning_rate: float = 1e-3) -> None:
+        super().__init__(dim, learning_rate)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        loss = F.cross_entropy(self.net(batch[0]), batch[1])
+        self.manual_backward(loss)
+        opt.step()

@@ -116,6 +116,8 @@ def test_fit_throughput_recovers_alpha_and_beta():
 def test_optimal_batch_size_and_nearest_grid_point():
     assert optimal_batch_size(5.0, ThroughputFit(2e-3, 1e-7)) == pytest.approx(math.sqrt(5 * 2e-3 / 1e-7))
     assert optimal_batch_size(5.0, ThroughputFit(2e-3, 0.0)) == math.inf
+    assert optimal_batch_size(math.inf, ThroughputFit(2e-3, 1e-7)) == math.inf, "noise swamps the gradient"
+    assert math.isnan(optimal_batch_size(float("nan"), ThroughputFit(2e-3, 1e-7)))
     assert nearest_in_grid(300.0, [1, 2, 4, 256, 512]) == 256
     assert nearest_in_grid(400.0, [1, 2, 4, 256, 512]) == 512
     assert nearest_in_grid(math.inf, [1, 2, 4]) == 4 and nearest_in_grid(0.1, [1, 2, 4]) == 1

@@ -51,6 +51,26 @@ def test_a_max_val_stop_is_reported_as_such_and_the_untried_cap_is_flagged(batch
     assert tune["found_was_tried"] is False and "64 itself was not tried" in out
 
 
+def test_a_size_lightning_returns_above_max_val_untried_is_replaced_by_the_largest_tried(batchlab, tmp_path):
+    tune, out = _tune(batchlab, tmp_path, *N1000, "--max_val", "100")
+    assert tune["stopped_because"] == "max_val" and tune["above_max_val_corrected_from"] == 128
+    assert tune["batch_size"] == 64 == max(t["batch_size"] for t in tune["trials"])
+    assert "Lightning returned 128, above max_val=100 and never tried" in out
+
+
+def test_a_configured_batch_that_covers_the_data_is_one_trial_not_two(batchlab, tmp_path):
+    tune, out = _tune(batchlab, tmp_path, *N1000, "--data.batch_size", "1024")
+    assert tune["trials"] == [{"batch_size": 1024, "ok": True}] and tune["stopped_because"] == "dataset_size"
+    assert "(power search, from 1024)" in out
+
+
+def test_binsearch_searches_beyond_lightnings_power_cap(batchlab, tmp_path):
+    tune, _ = _tune(batchlab, tmp_path, "--data.n_samples", "20000", "--mode", "binsearch", "--margin", "0",
+                    "--max_val", "100000", "--steps_per_trial", "1", "--init_val", "4096")
+    assert [t["batch_size"] for t in tune["trials"]] == [4096, 8192, 16384, 32768]
+    assert tune["stopped_because"] == "dataset_size" and tune["effective_batch_size"] == 20000
+
+
 def test_a_max_trials_stop_is_reported_as_such_with_every_trial(batchlab, tmp_path):
     tune, _ = _tune(batchlab, tmp_path, *N1000, "--max_trials", "3", "--init_val", "4")
     assert tune["stopped_because"] == "max_trials" and tune["batch_size"] == 16
@@ -139,7 +159,9 @@ def test_a_search_changes_nothing_but_the_batch_size_and_repeats_exactly(batchla
     [
         (["--mode", "foo"], "mode='foo'"),
         (["--max_val", "0"], "max_val=0"),
-        (["--init_val", "100", "--max_val", "50"], "init_val=100 is above max_val=50"),
+        (["--init_val", "100", "--max_val", "50"], "init_val=100 is not below max_val=50"),
+        (["--init_val", "64", "--max_val", "64"], "init_val=64 is not below max_val=64"),
+        (["--max_val", "100000"], "Lightning's power search stops at 8192"),
         (["--margin", "1.5"], "margin=1.5"),
         (["--max_trials", "-1"], "max_trials=-1"),
         (["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
@@ -163,7 +185,8 @@ def test_the_finder_inside_a_ddp_fit_is_refused_before_launch(batchlab):
 @pytest.mark.parametrize("device", [d for d in DEVICES if not isinstance(d, str)])
 def test_on_a_gpu_the_search_stops_on_out_of_memory_and_the_size_found_trains(batchlab, tmp_path, device):
     big = ["--model.hidden_sizes", "[8192, 8192]", "--data.n_samples", "2000000", "--trainer.accelerator", "gpu"]
-    tune, out = _tune(batchlab, tmp_path, *big, "--max_val", "4194304", "--steps_per_trial", "1")
+    tune, out = _tune(batchlab, tmp_path, *big, "--mode", "binsearch", "--margin", "0", "--max_val", "4194304",
+                      "--steps_per_trial", "1")
     assert tune["stopped_because"] == "out_of_memory", out
     assert all("peak_memory_bytes" in t for t in tune["trials"])
     found = str(tune["batch_size"])

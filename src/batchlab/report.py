@@ -26,6 +26,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from batchlab.study import jsonable
+
 TRIAL_COLUMNS = ["batch_size", "lr", "lr_factor", "status", "steps", "samples", "seconds_to_target", "steps_run",
                  "max_steps", "wall_s", "best_value", "final_value"]
 
@@ -49,7 +51,7 @@ def write_report(root: Path, summary: dict[str, Any], trials: list[dict[str, Any
             writer.writerow(t)
         _atomic(root / "results.csv", buf.getvalue())
         written.append(root / "results.csv")
-    _atomic(root / f"{stem}.json", json.dumps(summary, indent=2, default=str) + "\n")
+    _atomic(root / f"{stem}.json", json.dumps(jsonable(summary), indent=2, allow_nan=False) + "\n")
     written.append(root / f"{stem}.json")
     plots = _plots(root, summary, trials, gns)
     written += plots

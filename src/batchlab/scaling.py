@@ -181,8 +181,10 @@ def fit_throughput(batch_sizes: Sequence[float], step_times: Sequence[float]) ->
 
 def optimal_batch_size(b_noise: float, throughput: ThroughputFit) -> float:
     """B* = sqrt(B_noise alpha / beta), the batch size with the least S(B) t(B); ``inf`` without a per-sample cost."""
-    if throughput.beta <= 0 or not math.isfinite(b_noise) or b_noise <= 0:
-        return math.inf if throughput.beta <= 0 else float("nan")
+    if math.isnan(b_noise) or b_noise <= 0:
+        return float("nan")
+    if throughput.beta <= 0 or math.isinf(b_noise):
+        return math.inf
     return math.sqrt(b_noise * throughput.alpha / throughput.beta)
 
 

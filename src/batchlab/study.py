@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import lightning
 import torch
 from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
@@ -200,8 +201,8 @@ class StudyFolder:
         if meta.is_file():
             saved = json.loads(meta.read_text())
             measured = any(p.name != "study.json" for p in root.iterdir())
-            if saved != _jsonable(fingerprint) and measured:
-                changed = sorted(_diff(saved, _jsonable(fingerprint)))
+            if saved != jsonable(fingerprint) and measured:
+                changed = sorted(_diff(saved, jsonable(fingerprint)))
                 raise ConfigError(
                     f"{root} holds a study made with a different configuration (changed: {', '.join(changed)}); "
                     f"it is kept as it is: use --out NEW_FOLDER, or --fresh true for a new folder beside it"
@@ -227,12 +228,21 @@ class StudyFolder:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(_jsonable(data), indent=1) + "\n")
+        tmp.write_text(json.dumps(jsonable(data), indent=1, allow_nan=False) + "\n")
         os.replace(tmp, path)
 
 
-def _jsonable(data: Any) -> Any:
-    return json.loads(json.dumps(data, default=str))
+def jsonable(data: Any) -> Any:
+    """``data`` as strict JSON allows it: non-finite numbers (an infinite noise scale, say) become null."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {str(k): jsonable(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [jsonable(v) for v in data]
+    if data is None or isinstance(data, (str, int, bool)):
+        return data
+    return str(data)
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> set[str]:
@@ -342,11 +352,23 @@ class Study:
         check(datamodule is not None, "the study needs a LightningDataModule (--data.class_path)")
         check_batch_size_holder(model, datamodule)
         self.lr_attr = lr_name(model)
+        # The noise scale differentiates the loss training_step returns; with manual optimization it returns none
+        # (batchlab's own lean_step model is switched back to automatic optimization for those estimates).
+        check(model.automatic_optimization or bool(getattr(model, "hparams", {}).get("lean_step")),
+              f"{type(model).__name__} uses manual optimization: the study needs training_step to return the "
+              "loss (automatic optimization) to measure the gradient noise scale")
+        accumulate = trainer_kwargs.get("accumulate_grad_batches") or 1
+        check(accumulate == 1, f"trainer.accumulate_grad_batches={accumulate} is not allowed in a study: its batch "
+                               "size is the batch of one optimizer step; study that batch size directly")
         self.model, self.datamodule, self.settings = model, datamodule, settings
         self.trainer_kwargs = {k: v for k, v in trainer_kwargs.items() if k not in _STUDY_OWNED}
         self.base_lr = settings.base_lr or float(get_value(self.lr_attr, model))
         self.base_batch_size = settings.base_batch_size or int(get_value("batch_size", model, datamodule))
-        self.fingerprint = {"study": settings.fingerprint(), "config": config or self._describe_objects()}
+        # Measurements from another device or software stack are not comparable: they belong to another study.
+        machine = {"device": device_name(self._probe().strategy.root_device), "torch": torch.__version__,
+                   "lightning": lightning.__version__}
+        self.fingerprint = {"study": settings.fingerprint(), "config": config or self._describe_objects(),
+                            "machine": machine}
         self.folder: Optional[StudyFolder] = None  # opened once the configuration has been checked
         self._bar: Optional[tqdm] = None
 
@@ -461,7 +483,9 @@ class Study:
             model, data = copy.deepcopy(self.model), copy.deepcopy(self.datamodule)
             with quiet_lightning():
                 trainer = self._trainer([], max_steps=10, validate_every=None)
-                result = run_tune(trainer, model, data, BatchSizeSearch(max_val=2**24, steps_per_trial=2))
+                # binsearch, because Lightning's power search stops at 8192 whatever max_val says.
+                search = BatchSizeSearch(mode="binsearch", margin=0.0, max_val=2**24, steps_per_trial=2)
+                result = run_tune(trainer, model, data, search)
             cached = {"memory_max_batch_size": result["effective_batch_size"], "search": result}
             self.folder.write("memory", cached)
         return cached["memory_max_batch_size"] if cached["search"]["memory_limited"] else None
@@ -582,6 +606,7 @@ class Study:
         b_big = s.gns_batch_size or min(1024, self.train_size())
         batches = self._noise_batches(b_big, device)
         probe = copy.deepcopy(self.model).to(device)
+        probe.automatic_optimization = True  # so that training_step returns the loss (see __init__)
         curve = {p["step"]: p["value"] for p in recorder.curve}
         points, all_samples, method = [], [], None
         for step, state in snapshots.states:
@@ -657,6 +682,9 @@ class Study:
                                      "(--trainer.devices 1 --trainer.num_nodes 1)")
         n_train = self.train_size()
         self.grid(n_train, None)  # a bad --grid is refused before anything is written
+        b_big = s.gns_batch_size or min(1024, n_train)
+        check(2 <= b_big <= n_train, f"gns_batch_size={b_big} is not allowed: the noise scale needs full batches of "
+                                     f"2 to {n_train} samples (the training set)")
         self.check_monitor()
         self.folder = StudyFolder.open(s.out, self.fingerprint, s.fresh)
         memory_max = self.memory_max()
@@ -749,6 +777,8 @@ def summarise(study: Study, grid: list[int], n_train: int, memory_max: Optional[
         "folder": str(study.folder.root),
     }
     if s.quick:
+        summary.update(batch_sizes=[{"batch_size": t["batch_size"], "step_s": t["step_s"],
+                                     "samples_per_s": t["samples_per_s"]} for t in throughput])
         summary.update(recommended_batch_size=quick_b,
                        recommended_lr=study.centre_lr(quick_b) if quick_b else None,
                        recommended_by="quick: sqrt(B_simple * alpha / beta), nearest grid batch size; LR from the "

@@ -30,7 +30,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BatchSizeFinder
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities.exceptions import _TunerExitException  # private: see run_tune
-from lightning.pytorch.utilities.parsing import lightning_getattr
+from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_setattr
 
 from batchlab.errors import ConfigError, check
 from batchlab.summary import device_name, log_hparams, write_json
@@ -42,6 +42,9 @@ _TRIED = re.compile(r"Batch size (\d+) (succeeded|failed), trying batch size (\d
 _DATASET = re.compile(r"The batch size (\d+) is greater or equal than the length of your dataset: (\d+)")
 _MAX_VAL = re.compile(r"Reached the maximum batch size limit of (\d+)")
 _MARGIN = re.compile(r"reducing batch size from (\d+) to (\d+)")
+_CAPPED = re.compile(r"Batch size (\d+) exceeds max_val limit (\d+), capping at")
+# Lightning 2.6's power search doubles through a helper called without max_val, which then caps at this.
+POWER_CAP = 8192
 _LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.tuner.batch_size_scaling")
 
 
@@ -56,6 +59,7 @@ class TrialRecorder(logging.Handler):
         self.hit_max_val = False
         self.before_margin: Optional[int] = None
         self._pending: Optional[int] = None
+        self._from_dataset_message: set[int] = set()  # indices of trials recorded from the dataset message
 
     def __enter__(self) -> TrialRecorder:
         self._levels = []
@@ -76,14 +80,18 @@ class TrialRecorder(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         if m := _TRIED.search(message):
-            self._trial(int(m.group(1)), m.group(2) == "succeeded")
-            self._pending = int(m.group(3)) if m.group(2) == "succeeded" else None
+            size, ok, following = int(m.group(1)), m.group(2) == "succeeded", int(m.group(3))
+            self._trial(size, ok)
+            # "trying" the size just run means the cap stopped the doubling: nothing more will run.
+            self._pending = following if ok and following != size else None
         elif m := _DATASET.search(message):
-            # Said after a successful trial at that size, instead of "succeeded, trying ...".
+            # Said after a successful trial at that size, instead of "succeeded, trying ...", and once before any
+            # trial when the configured batch size already covers the data (``finish`` drops that one).
+            self._from_dataset_message.add(len(self.trials))
             self._trial(int(m.group(1)), True)
             self.dataset_size = int(m.group(2))
             self._pending = None
-        elif _MAX_VAL.search(message):
+        elif _MAX_VAL.search(message) or _CAPPED.search(message):
             # Said before trying the capped size, which is then never tried.
             self.hit_max_val = True
             self._pending = None
@@ -91,10 +99,16 @@ class TrialRecorder(logging.Handler):
             self.before_margin = int(m.group(1))
 
     def finish(self) -> None:
-        """Record the last trial, which Lightning runs without a message when it ends on ``max_trials``."""
+        """Record the last trial, which Lightning runs without a message when it ends on ``max_trials``, and drop
+        the dataset message said before any trial (a real trial is never followed by another of its size)."""
         if self._pending is not None:
             self._trial(self._pending, True)
             self._pending = None
+        self.trials = [
+            t for i, t in enumerate(self.trials)
+            if not (i in self._from_dataset_message and i + 1 < len(self.trials)
+                    and self.trials[i + 1]["batch_size"] == t["batch_size"])
+        ]
 
     def _trial(self, batch_size: int, ok: bool) -> None:
         trial: dict[str, Any] = {"batch_size": batch_size, "ok": ok}
@@ -148,7 +162,12 @@ class BatchSizeSearch(BatchSizeFinder):
                 isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                 f"{name}={value!r} is not allowed: use a positive integer",
             )
-        check(init_val <= max_val, f"init_val={init_val} is above max_val={max_val}: use init_val <= max_val")
+        check(init_val < max_val, f"init_val={init_val} is not below max_val={max_val}: use init_val < max_val")
+        check(
+            mode == "binsearch" or max_val <= POWER_CAP,
+            f"max_val={max_val} is not allowed with mode='power': Lightning's power search stops at {POWER_CAP} "
+            "whatever max_val says; use --mode binsearch --margin 0 to search further",
+        )
         check(0 <= margin < 1, f"margin={margin} is not allowed: use a number in [0, 1)")
         super().__init__(mode, steps_per_trial, init_val, max_trials, "batch_size", margin, max_val)
         self.settings = {"mode": mode, "steps_per_trial": steps_per_trial, "init_val": init_val,
@@ -165,13 +184,24 @@ class BatchSizeSearch(BatchSizeFinder):
                 try:
                     super().scale_batch_size(trainer, pl_module)
                 except _TunerExitException:  # the search ended and `batchlab tune` stops here
-                    recorder.finish()
+                    self._finish(pl_module, recorder)
                     raise
-                recorder.finish()
+                self._finish(pl_module, recorder)
         finally:
             _set_rng_state(rng)
             self.result = self._describe(trainer, pl_module, initial, recorder)
             log_hparams(trainer, {"batch_size": self.result["batch_size"], "batch_size_initial": initial})
+
+    def _finish(self, pl_module: LightningModule, recorder: TrialRecorder) -> None:
+        """Complete the trial list, and never leave the model with a size above max_val that was never tried:
+        Lightning's power search can return the double of the last size below the cap."""
+        recorder.finish()
+        found = self.optimal_batch_size
+        largest_ok = max((t["batch_size"] for t in recorder.trials if t["ok"]), default=None)
+        self.corrected_from = None
+        if found is not None and found > self._max_val and largest_ok is not None:
+            self.corrected_from, self.optimal_batch_size = found, largest_ok
+            lightning_setattr(pl_module, "batch_size", largest_ok)
 
     def _describe(
         self, trainer: Trainer, pl_module: LightningModule, initial: int, recorder: TrialRecorder
@@ -191,6 +221,7 @@ class BatchSizeSearch(BatchSizeFinder):
             "largest_ok": max((t["batch_size"] for t in trials if t["ok"]), default=None),
             "found_was_tried": found in tried,
             "before_margin": recorder.before_margin,
+            "above_max_val_corrected_from": getattr(self, "corrected_from", None),
             "dataset_size": dataset_size,
             "device": device_name(pl_module.device),
             "memory_limited": any(not t["ok"] for t in trials),
@@ -216,7 +247,8 @@ def format_tune(result: dict[str, Any], path: Optional[Path] = None) -> str:
         "max_val": f"it reached max_val={result['max_val']}",
         "max_trials": f"it used all max_trials={result['max_trials']} trials",
     }[reason]
-    lines = ["", "batchlab tune", f"  batch size found   {found} ({result['mode']} search, from {result['init_val']})",
+    start = result["trials"][0]["batch_size"] if result["trials"] else result["batch_size_initial"]
+    lines = ["", "batchlab tune", f"  batch size found   {found} ({result['mode']} search, from {start})",
              f"  stopped because    {reason}: {why}"]
     if result["effective_batch_size"] != found:
         lines.append(
@@ -226,6 +258,11 @@ def format_tune(result: dict[str, Any], path: Optional[Path] = None) -> str:
     for t in result["trials"]:
         memory = f", peak {t['peak_memory_bytes'] / 2**20:,.0f} MiB" if "peak_memory_bytes" in t else ""
         lines.append(f"  trial              {t['batch_size']:>8} {'ok' if t['ok'] else 'out of memory'}{memory}")
+    if result.get("above_max_val_corrected_from"):
+        lines.append(
+            f"  corrected          Lightning returned {result['above_max_val_corrected_from']}, above "
+            f"max_val={result['max_val']} and never tried; the largest size tried is used instead"
+        )
     if result["before_margin"]:
         lines.append(
             f"  margin             {result['before_margin']} less the {result['margin']:.0%} margin gives {found}"
