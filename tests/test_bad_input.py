@@ -92,7 +92,7 @@ ONE_COMMAND = [
     ("tune", ["--max_val", "0"], "max_val=0 is not allowed: use a positive integer"),
     ("tune", ["--mode", "foo"], "mode='foo' is not allowed"),
     ("tune", ["--init_val", "abc"], "init_val='abc' is not allowed: use an integer"),
-    ("tune", ["--init_val", "64", "--max_val", "8"], "init_val=64 is above max_val=8"),
+    ("tune", ["--init_val", "64", "--max_val", "8"], "init_val=64 is not below max_val=8"),
 ]
 
 # validate, test and predict also load the earlier run's checkpoint, as they would in use.

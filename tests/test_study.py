@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import CONFIGS, command, command_env, run_command, scalars
+from conftest import CONFIGS, command, command_env, scalars
 
 from batchlab import study as study_module
 
@@ -270,7 +270,7 @@ def test_the_lr_grid_is_extended_towards_the_better_edge(results, direction):
 @pytest.mark.parametrize(
     "signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)], ids=["SIGINT", "SIGTERM"]
 )
-def test_a_real_signal_stops_a_study_cleanly_and_a_rerun_repeats_no_trial(tmp_path, signum):
+def test_a_real_signal_stops_a_study_cleanly_and_a_rerun_repeats_no_trial(batchlab, tmp_path, signum):
     """Sent to ``batchlab study`` running as a subprocess once three trials are written."""
     proc = subprocess.Popen(command(*TINY), cwd=tmp_path, env=command_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
@@ -290,7 +290,7 @@ def test_a_real_signal_stops_a_study_cleanly_and_a_rerun_repeats_no_trial(tmp_pa
     assert "Traceback" not in err and f"study interrupted by {name}" in err.strip().splitlines()[-1]
     kept = {p.name: p.read_bytes() for p in trials.glob("*.json")}
     assert 3 <= len(kept) < 10 and not list(trials.glob(".*tmp*")), "finished trials kept, no half-written one"
-    rerun = run_command(tmp_path, *TINY)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    rerun = batchlab(*TINY)
+    assert rerun.code == 0, rerun.err[-2000:]
     after = {p.name: p.read_bytes() for p in trials.glob("*.json")}
     assert len(after) == 10 and all(after[name] == data for name, data in kept.items())
