@@ -191,9 +191,16 @@ class BatchlabCLI(LightningCLI):
     """LightningCLI with the model's input width linked to the data's, ``tune`` and ``study`` subcommands, and
     checks of the configuration before anything runs."""
 
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "tune": {"model", "datamodule"}, "study": {"model", "datamodule"}}
+    SUBCOMMANDS = {**LightningCLI.subcommands(), "tune": {"model", "datamodule"}, "study": {"model", "datamodule"}}
+
+    def __init__(self, *args: Any, only: Optional[str] = None, **kwargs: Any) -> None:
+        self.only = only if only in self.SUBCOMMANDS else None
+        super().__init__(*args, **kwargs)
+
+    def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]
+        # Only the parser of the command being run is built (each costs a tenth of a second of signature and
+        # docstring introspection); without one, as for ``batchlab --help``, all of them.
+        return {self.only: self.SUBCOMMANDS[self.only]} if self.only else self.SUBCOMMANDS
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Applies only where both classes have the argument, as batchlab's own do.
@@ -267,6 +274,7 @@ class BatchlabCLI(LightningCLI):
 
 def make_cli(args: Optional[list[str]] = None, run: bool = True) -> BatchlabCLI:
     """Build (and with ``run``, execute) the CLI for ``args``."""
+    only = next((a for a in args or [] if a in BatchlabCLI.SUBCOMMANDS), None)
     return BatchlabCLI(
         LightningModule,
         LightningDataModule,
@@ -279,6 +287,7 @@ def make_cli(args: Optional[list[str]] = None, run: bool = True) -> BatchlabCLI:
         trainer_defaults={"callbacks": [RunSummary(verbose=False)]},
         args=args,
         run=run,
+        only=only,
     )
 
 
@@ -288,11 +297,14 @@ def _not_a_tip(record: logging.LogRecord) -> bool:
 
 def _quiet_lightning() -> None:
     """Drop the start-up noise that says nothing about the run: advertising tips, an empty validation set's
-    warning (no validation split is the notebook's setting), and warnings about Lightning's own internals."""
+    warning (no validation split is the notebook's setting), warnings about Lightning's own internals, and the
+    warning that ``args`` repeats ``sys.argv``."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_a_tip)
     warnings.filterwarnings("ignore", message="Total length of .* across ranks is zero")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+    # main() hands LightningCLI the command line it has read (and amended: --quick, default classes) itself.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
 
 
 DEFAULT_CLASSES = {"model": "batchlab.model.MLPRegressor", "data": "batchlab.data.ToyRegressionData"}
