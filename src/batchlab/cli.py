@@ -18,7 +18,6 @@ Tests call ``main([...])``.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 import warnings
@@ -30,11 +29,10 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from batchlab.errors import ConfigError, RunInterrupted, signal_of
 from batchlab.preflight import check_checkpoint, check_config_files, check_run
-from batchlab.summary import PredictionPrinter, RunSummary, format_summary
+from batchlab.summary import PredictionPrinter, RunSummary, format_summary, global_seed
 from batchlab.tune import BatchSizeSearch, check_not_distributed, format_tune, run_tune, write_tune
 
 
@@ -163,28 +161,18 @@ class BatchlabTrainer(Trainer):
             out: The study's folder; rerunning with the same configuration resumes it.
             fresh: Start a new study in a new folder beside ``out`` instead of resuming.
         """
+        options = {k: v for k, v in locals().items() if k not in ("self", "model", "datamodule")}
         from batchlab.report import format_study, write_report
         from batchlab.study import Study, StudySettings
 
-        settings = StudySettings(
-            target=target, monitor=monitor, mode=mode, grid=grid, max_batch_size=max_batch_size, lr_rule=lr_rule,
-            base_lr=base_lr, base_batch_size=base_batch_size, lr_factors=list(lr_factors), lr_extend=lr_extend,
-            max_steps=max_steps, check_every=check_every, patience=patience, warmup_steps=warmup_steps,
-            throughput_steps=throughput_steps, throughput_rounds=throughput_rounds, gns_batch_size=gns_batch_size,
-            gns_points=gns_points,
-            gns_steps=gns_steps, gns_batches=gns_batches, seed=_seed(), quick=quick, out=out, fresh=fresh,
-        )
+        # Every study run reuses the run's seed (--seed_everything), so that all start alike.
+        settings = StudySettings(**{**options, "lr_factors": list(lr_factors)}, seed=global_seed() or 0)
         study = Study(model, datamodule, self.init_kwargs, settings, self.study_config)
         summary = study.run()
         trials = [] if quick else [t for b in summary["grid"] for t in study.sweeps[b]]
         written = write_report(study.folder.root, summary, trials, study.gns)
         print(format_study(summary, written))
         return summary
-
-
-def _seed() -> int:
-    """The run's seed (``--seed_everything``), which every study run reuses so that all start alike."""
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 class BatchlabCLI(LightningCLI):

@@ -27,15 +27,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from batchlab.study import jsonable
+from batchlab.summary import write_atomically
 
 TRIAL_COLUMNS = ["batch_size", "lr", "lr_factor", "status", "steps", "samples", "seconds_to_target", "steps_run",
                  "max_steps", "wall_s", "best_value", "final_value"]
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_report(root: Path, summary: dict[str, Any], trials: list[dict[str, Any]], gns: dict[str, Any]) -> list[Path]:
@@ -49,14 +44,14 @@ def write_report(root: Path, summary: dict[str, Any], trials: list[dict[str, Any
         writer.writeheader()
         for t in sorted(trials, key=lambda t: (t["batch_size"], t["lr"])):
             writer.writerow(t)
-        _atomic(root / "results.csv", buf.getvalue())
+        write_atomically(root / "results.csv", buf.getvalue())
         written.append(root / "results.csv")
-    _atomic(root / f"{stem}.json", json.dumps(jsonable(summary), indent=2, allow_nan=False) + "\n")
+    write_atomically(root / f"{stem}.json", json.dumps(jsonable(summary), indent=2, allow_nan=False) + "\n")
     written.append(root / f"{stem}.json")
     plots = _plots(root, summary, trials, gns)
     written += plots
     md = root / ("quick.md" if summary["quick"] else "report.md")
-    _atomic(md, markdown(summary, gns, [p.name for p in plots]))
+    write_atomically(md, markdown(summary, gns, [p.name for p in plots]))
     written.append(md)
     if not summary["quick"]:
         written += _tensorboard(root, summary, trials)

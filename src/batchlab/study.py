@@ -25,7 +25,6 @@ import copy
 import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -49,7 +48,7 @@ from tqdm.auto import tqdm
 
 from batchlab import scaling
 from batchlab.errors import ConfigError, RunInterrupted, check, signal_of
-from batchlab.summary import device_name
+from batchlab.summary import device_name, write_atomically
 
 # Trainer arguments a study sets itself for each of its runs; every other one (accelerator, devices, precision,
 # strategy, gradient clipping...) comes from the configuration.
@@ -227,9 +226,7 @@ class StudyFolder:
     def write(self, key: str, data: dict[str, Any]) -> None:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(jsonable(data), indent=1, allow_nan=False) + "\n")
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps(jsonable(data), indent=1, allow_nan=False) + "\n")
 
 
 def jsonable(data: Any) -> Any:
@@ -365,7 +362,9 @@ class Study:
         self.base_lr = settings.base_lr or float(get_value(self.lr_attr, model))
         self.base_batch_size = settings.base_batch_size or int(get_value("batch_size", model, datamodule))
         # Measurements from another device or software stack are not comparable: they belong to another study.
-        machine = {"device": device_name(self._probe().strategy.root_device), "torch": torch.__version__,
+        probe = self._probe()
+        self.device, self.world_size = probe.strategy.root_device, probe.world_size
+        machine = {"device": device_name(self.device), "torch": torch.__version__,
                    "lightning": lightning.__version__}
         self.fingerprint = {"study": settings.fingerprint(), "config": config or self._describe_objects(),
                             "machine": machine}
@@ -474,7 +473,7 @@ class Study:
 
     def memory_max(self) -> Optional[int]:
         """The finder's largest batch that fits in device memory; None on a CPU, where memory does not bound it."""
-        if self._probe().strategy.root_device.type != "cuda":
+        if self.device.type != "cuda":
             return None
         cached = self.folder.read("memory")
         if cached is None:
@@ -603,7 +602,7 @@ class Study:
                                            check_finite=True, verbose=False))
         model, trainer = self._fit(b_ref, self.centre_lr(b_ref), callbacks, s.gns_steps, every)
         device = trainer.strategy.root_device
-        b_big = s.gns_batch_size or min(1024, self.train_size())
+        b_big = self.noise_batch_size
         batches = self._noise_batches(b_big, device)
         probe = copy.deepcopy(self.model).to(device)
         probe.automatic_optimization = True  # so that training_step returns the loss (see __init__)
@@ -677,12 +676,11 @@ class Study:
 
     def _run(self) -> dict[str, Any]:
         s = self.settings
-        probe = self._probe()
-        check(probe.world_size == 1, f"the study runs on one device for now, not {probe.world_size} "
-                                     "(--trainer.devices 1 --trainer.num_nodes 1)")
+        check(self.world_size == 1, f"the study runs on one device for now, not {self.world_size} "
+                                    "(--trainer.devices 1 --trainer.num_nodes 1)")
         n_train = self.train_size()
         self.grid(n_train, None)  # a bad --grid is refused before anything is written
-        b_big = s.gns_batch_size or min(1024, n_train)
+        self.noise_batch_size = b_big = s.gns_batch_size or min(1024, n_train)
         check(2 <= b_big <= n_train, f"gns_batch_size={b_big} is not allowed: the noise scale needs full batches of "
                                      f"2 to {n_train} samples (the training set)")
         self.check_monitor()
@@ -699,7 +697,7 @@ class Study:
         finally:
             self._bar.close()
         return summarise(self, grid, n_train, memory_max, throughput, self.gns, self.sweeps,
-                         device_name(probe.strategy.root_device))
+                         device_name(self.device))
 
     def _probe(self) -> Trainer:
         with quiet_lightning():

@@ -47,6 +47,20 @@ def global_batch_size(trainer: Trainer, per_device: int) -> int:
     return per_device * trainer.world_size * trainer.accumulate_grad_batches
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step: a reader (or an interrupted run) sees the old file or the new."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def global_seed() -> Optional[int]:
+    """The seed ``seed_everything`` (``--seed_everything``) set for this process, if any."""
+    value = os.environ.get("PL_GLOBAL_SEED")
+    return int(value) if value is not None and value.lstrip("-").isdigit() else None
+
+
 def write_json(path: Path, data: dict[str, Any]) -> Path:
     """Write ``data`` to ``path`` atomically; never replace an existing file (a ``-2``, ``-3``... name is used).
 
@@ -57,9 +71,7 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
     while target.exists():
         k += 1
         target = path.with_name(f"{path.stem}-{k}{path.suffix}")
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, target)
+    write_atomically(target, json.dumps(data, indent=2) + "\n")
     return target
 
 
@@ -261,7 +273,7 @@ class RunSummary(Callback):
             "step_s": step_s,
             "samples_per_s": samples / wall_s if wall_s > 0 else None,
             "device": device_name(pl_module.device),
-            "seed": _env_int("PL_GLOBAL_SEED"),
+            "seed": global_seed(),
             "predictions": self._predict(trainer, pl_module),
             "checkpoint": getattr(trainer.checkpoint_callback, "last_model_path", None)
             or getattr(trainer.checkpoint_callback, "best_model_path", None)
@@ -413,7 +425,3 @@ def _sync(pl_module: LightningModule) -> None:
     if pl_module.device.type == "cuda":
         torch.cuda.synchronize(pl_module.device)
 
-
-def _env_int(name: str) -> Optional[int]:
-    value = os.environ.get(name)
-    return int(value) if value is not None and value.lstrip("-").isdigit() else None
