@@ -22,6 +22,7 @@ from batchlab.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 SEED = str(CONFIGS / "seed.yaml")
+STUDY = str(CONFIGS / "study.yaml")
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 # Tests that start ``python -m batchlab...`` run it in tmp_path; a relative PYTHONPATH (``PYTHONPATH=src pytest``)

@@ -6,9 +6,16 @@ Lightning starts rank 1 by re-running the command line, so these tests run ``pyt
 subprocess and observe the ranks through ``probes.RecordSeenRows``, a callback named on the command line.
 """
 
+import csv
+import json
+import math
+import signal
+import subprocess
+import time
+
 import pytest
 import torch
-from conftest import QUIET, SEED, hparams_plugin, load_summary, run_command, run_dirs, scalars, snapshot
+from conftest import QUIET, SEED, STUDY, command, command_env, hparams_plugin, load_summary, run_command, run_dirs, scalars, snapshot
 from torch.utils.data import DistributedSampler
 
 from batchlab.data import ToyRegressionData
@@ -93,3 +100,87 @@ def test_ddp_shuffle_is_reproducible_per_seed_and_a_second_run_leaves_the_first_
     assert snapshot(first_dir) == before
     assert [d.name for d in run_dirs(tmp_path)] == ["version_0", "version_1", "version_2"]
     assert "32 per device, 64 global" in proc.stdout
+
+
+# A study under DDP: every rank runs the same fits in step, B is global, rank 0's measurements count and rank 0
+# alone writes.
+STUDY_TINY = [
+    "study", "-c", STUDY, "--data.n_samples", "2304", "--data.val_fraction", "0.111111", "--data.eval_batch_size",
+    "256", "--target", "1.5", "--max_steps", "300", "--lr_extend", "0", "--gns_steps", "40", "--gns_points", "3",
+    "--gns_batch_size", "256", "--gns_batches", "2", "--throughput_steps", "5", "--throughput_rounds", "1",
+    "--warmup_steps", "2", "--base_batch_size", "32",
+]
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    return proc
+
+
+def test_a_quick_study_under_ddp_gives_one_devices_noise_estimate_of_the_global_batch(batchlab, tmp_path):
+    ddp = _ok(run_command(tmp_path, *STUDY_TINY, "--grid", "[8, 64, 256]", "--quick", "--out", "ddp", *DDP))
+    assert batchlab(*STUDY_TINY, "--grid", "[8, 64, 256]", "--quick", "--out", "one").code == 0  # one device
+    assert ddp.stdout.count("batchlab study (quick)") == 1 and "x 2 ranks (DDP" in ddp.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "one"], "rank 1 made no folder of its own"
+    quick = json.loads((tmp_path / "ddp" / "quick.json").read_text())
+    assert quick["world_size"] == 2 and quick["grid"] == [2, 8, 32, 64, 256]
+    assert quick["recommended_batch_size"] in quick["grid"]
+    gns, alone = (json.loads((tmp_path / d / "gns.json").read_text()) for d in ("ddp", "one"))
+    assert gns["method"] == alone["method"] == "per_example"
+    assert gns["estimate_batch_size"] == 256 and gns["rank_batch_size"] == 128
+    # At step 0 both start from the same weights: each rank's per-example gradients of its half of the batch,
+    # averaged over the ranks, are one device's per-example gradients of the whole batch.
+    assert gns["points"][0]["step"] == alone["points"][0]["step"] == 0
+    for key in ("g2", "trace"):
+        assert gns["points"][0][key] == pytest.approx(alone["points"][0][key], rel=1e-4)
+    # The ranks' own norms (B_small = 128) estimate the same quantities, with far more noise.
+    assert gns["points"][0]["ranks_g2"] == pytest.approx(alone["points"][0]["g2"], rel=0.05)
+    assert quick["b_simple_ranks"] == gns["b_simple_ranks"] and math.isfinite(gns["b_simple_ranks"])
+
+
+def test_a_study_under_ddp_trains_global_batches_and_a_rerun_repeats_nothing(tmp_path):
+    args = [*STUDY_TINY, "--grid", "[8, 64]", "--lr_factors", "[1]", "--out", "ddp", *DDP]
+    proc = _ok(run_command(tmp_path, *args))
+    assert proc.stdout.count("batchlab study\n") == 1
+    root = tmp_path / "ddp"
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["grid"] == [2, 8, 32, 64]
+    assert summary["recommended_batch_size"] in summary["grid"]
+    rows = list(csv.DictReader((root / "results.csv").open()))
+    assert len(rows) == 4 and any(r["status"] == "reached" for r in rows)
+    for row in rows:
+        if row["status"] == "reached":  # B is global: B / 2 per rank on each of 2 ranks, every step
+            assert int(row["samples"]) == int(row["steps"]) * int(row["batch_size"])
+    measured = {p: p.read_bytes() for p in root.rglob("*.json") if p.parent.name in ("trials", "throughput")}
+    measured[root / "gns.json"] = (root / "gns.json").read_bytes()
+    again = _ok(run_command(tmp_path, *args))
+    assert {p: p.read_bytes() for p in measured} == measured, "a rerun measures nothing again"
+    assert f"Recommended batch size: {summary['recommended_batch_size']} " in again.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launching_rank_stops_every_rank_of_a_study_and_a_rerun_repeats_no_trial(tmp_path):
+    """As a scheduler may: SIGTERM to rank 0 only, once three trials are written. Without agreement the ranks stop
+    at different steps and wait for each other for ever."""
+    args = [*STUDY_TINY, "--grid", "[8, 64]", "--lr_factors", "[1, 2]", "--out", "ddp", *DDP]
+    proc = subprocess.Popen(command(*args), cwd=tmp_path, env=command_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    trials = tmp_path / "ddp" / "trials"
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(trials.glob("*.json"))) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and err.count("study interrupted by SIGTERM") == 1, err[-2000:]
+    kept = {p.name: p.read_bytes() for p in trials.glob("*.json")}
+    assert 3 <= len(kept) < 8
+    _ok(run_command(tmp_path, *args, timeout=120))
+    after = {p.name: p.read_bytes() for p in trials.glob("*.json")}
+    assert len(after) == 8 and all(after[name] == data for name, data in kept.items())

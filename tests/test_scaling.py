@@ -9,7 +9,8 @@ from torch import nn
 
 from batchlab.scaling import (
     NoiseSample, ScalingFit, ThroughputFit, b_simple, ema, estimate_from_norms, fit_steps, fit_throughput,
-    nearest_in_grid, optimal_batch_size, per_example_noise, two_batch_noise,
+    data_parallel_noise, local_gradient, nearest_in_grid, optimal_batch_size, per_example_gradients,
+    per_example_noise, two_batch_noise,
 )
 
 
@@ -62,6 +63,47 @@ def test_both_estimators_agree_on_the_same_batches():
     per_example = b_simple([per_example_noise(model, loss_fn, b) for b in data])
     two_batch = b_simple([two_batch_noise(model, loss_fn, b, 16) for b in data])
     assert per_example == pytest.approx(two_batch, rel=0.1)
+
+
+def _simulate_ranks(world_size, local_inputs):
+    """Run ``data_parallel_noise`` as each of ``world_size`` ranks would, with an all-reduce that averages what
+    the ranks really sent: a first pass records each rank's tensor, a second gives every rank their mean."""
+    sent = []
+    for rank in range(world_size):
+        grad, small_sq, b_small, b_big = local_inputs(rank)
+        data_parallel_noise(grad, small_sq, b_small, b_big, lambda t: sent.append(t.clone()) or t)
+    mean = torch.stack(sent).mean(0)
+    results = []
+    for rank in range(world_size):
+        grad, small_sq, b_small, b_big = local_inputs(rank)
+        results.append(data_parallel_noise(grad, small_sq, b_small, b_big, lambda t: mean))
+    return results
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_data_parallel_estimates_equal_one_device_on_the_global_batch(world_size):
+    """The ranks' gradient norms are the two-batch estimator with B_small = one rank's batch; per-example gradients
+    on each rank, averaged over ranks, are the per-example estimator of the global batch."""
+    model, loss_fn, batches, _ = _linear_problem(4, 1.0, 1.0, seed=3)
+    (batch,) = batches(1, 64)
+    b_local = 64 // world_size
+
+    def shard(rank):
+        return tuple(t[rank * b_local:(rank + 1) * b_local] for t in batch)
+
+    def rank_norms(rank):
+        grad = local_gradient(model, loss_fn, shard(rank))
+        return grad, grad.pow(2).sum().item(), b_local, 64
+
+    def per_example(rank):
+        grad, example_sq = per_example_gradients(model, loss_fn, shard(rank))
+        return grad, example_sq, 1, 64
+
+    for got, expected in ((_simulate_ranks(world_size, rank_norms), two_batch_noise(model, loss_fn, batch, b_local)),
+                          (_simulate_ranks(world_size, per_example), per_example_noise(model, loss_fn, batch))):
+        assert all(r == got[0] for r in got), "every rank gets the same estimate"
+        assert got[0].g2 == pytest.approx(expected.g2, rel=1e-9)
+        assert got[0].trace == pytest.approx(expected.trace, rel=1e-9)
 
 
 @pytest.mark.parametrize(("g2", "trace", "b_small", "b_big"), [(2.0, 30.0, 1, 64), (0.5, 4.0, 8, 512)])

@@ -9,17 +9,17 @@ import subprocess
 import time
 
 import pytest
-from conftest import CONFIGS, command, command_env, scalars
+from conftest import STUDY, command, command_env, scalars
 
 from batchlab import study as study_module
 
-STUDY = str(CONFIGS / "study.yaml")
 TINY = [
     "study", "-c", STUDY, "--data.n_samples", "2304", "--data.val_fraction", "0.111111", "--data.eval_batch_size",
     "256", "--grid", "[8, 64, 256]", "--target", "1.5", "--max_steps", "300", "--lr_factors", "[1, 2]",
     "--lr_extend", "0", "--gns_steps", "40", "--gns_points", "3", "--gns_batch_size", "256", "--gns_batches", "2",
     "--throughput_steps", "5", "--throughput_rounds", "1", "--warmup_steps", "2", "--out", "study",
 ]
+DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
 SUMMARY_KEYS = {
     "recommended_batch_size", "recommended_lr", "b_crit", "s_min", "e_min", "b_simple", "alpha_s", "beta_s",
     "memory_max_batch_size", "target", "monitor", "grid", "quick_recommended_batch_size", "quick_regret",
@@ -196,6 +196,13 @@ def test_any_lightning_module_and_datamodule_by_class_path(batchlab, tmp_path):
         (["--trainer.accumulate_grad_batches", "2"], "accumulate_grad_batches=2 is not allowed in a study"),
         (["--model.class_path", "study_models.ManualClassifier", "--data.class_path", "study_models.Blobs",
           "--monitor", "val/acc"], "uses manual optimization"),
+        # Under DDP batch sizes are global; these are refused before any rank is started.
+        ([*DDP, "--grid", "[3, 8]"], "grid entries [3] are not allowed on 2 devices: batch sizes are global, use "
+                                     "multiples of 2"),
+        ([*DDP, "--gns_batch_size", "255"], "gns_batch_size=255 is not allowed on 2 devices"),
+        ([*DDP, "--base_batch_size", "5"], "base_batch_size=5 is not allowed on 2 devices"),
+        (["--trainer.strategy", "ddp_spawn", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
+         "strategy=ddp_spawn is not allowed in a study on 2 devices: use ddp"),
     ],
 )
 def test_bad_study_input_is_a_one_line_error(batchlab, tmp_path, args, message):

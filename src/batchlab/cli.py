@@ -137,14 +137,15 @@ class BatchlabTrainer(Trainer):
             target: Value of ``monitor`` to reach (required unless ``quick``); keep it above the noise floor.
             monitor: Validation metric the model logs.
             mode: ``min`` (reach at or below the target) or ``max``.
-            grid: Batch sizes to measure; default: powers of two from 1 to the training set size (and, on a GPU,
-                the largest that fits in memory). 2 and 32 are always added where the data allows.
+            grid: Batch sizes to measure, global under DDP (B / devices per device); default: powers of two from 1
+                (from the number of devices under DDP) to the training set size (and, on one GPU, the largest
+                that fits in memory). 2 and 32 are always added where the data allows.
             max_batch_size: Cap on the default grid.
             lr_rule: How the LR grid is centred at each B from ``base_lr`` at ``base_batch_size``: ``none``
                 (the same LR), ``linear`` (LR x B / base) or ``sqrt``. A fixed LR: ``none`` with
                 ``lr_factors [1]`` and ``lr_extend 0``.
             base_lr: LR the rule starts from; default: the model's ``lr`` (or ``learning_rate``).
-            base_batch_size: Batch size of ``base_lr``; default: the configured batch size.
+            base_batch_size: Batch size of ``base_lr``; default: the configured batch size (times the devices).
             lr_factors: LRs tried at each B, as multiples of the centre.
             lr_extend: Extra LRs tried beyond the grid's edge, each way, while the best LR is at that edge.
             max_steps: Step budget of one trial.
@@ -169,9 +170,10 @@ class BatchlabTrainer(Trainer):
         settings = StudySettings(**{**options, "lr_factors": list(lr_factors)}, seed=global_seed() or 0)
         study = Study(model, datamodule, self.init_kwargs, settings, self.study_config)
         summary = study.run()
-        trials = [] if quick else [t for b in summary["grid"] for t in study.sweeps[b]]
-        written = write_report(study.folder.root, summary, trials, study.gns)
-        print(format_study(summary, written))
+        if study.is_global_zero:  # under DDP every rank holds the same results; one writes them
+            trials = [] if quick else [t for b in summary["grid"] for t in study.sweeps[b]]
+            written = write_report(study.folder.root, summary, trials, study.gns)
+            print(format_study(summary, written))
         return summary
 
 

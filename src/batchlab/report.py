@@ -88,9 +88,14 @@ def headline(summary: dict[str, Any]) -> list[str]:
                  f"quick answer sqrt(B_simple alpha / beta) = {_fmt(s['quick_b_star'])} -> "
                  f"{s['quick_recommended_batch_size']}"
                  + (f", regret {_fmt(s['quick_regret'], 3)}" if s.get("quick_regret") is not None else "") + ".")
+    if s.get("b_simple_ranks") is not None and s["b_simple_method"] != "ranks":
+        lines.append(f"From the DDP ranks' gradient norms alone (B_small = one rank's batch): B_simple = "
+                     f"{_fmt(s['b_simple_ranks'])}, a far noisier estimate of the same quantity.")
     memory = (f"memory allows up to {s['memory_max_batch_size']}" if s["memory_bound"]
               else "memory did not bound the grid (not memory-bound on this device)")
-    lines.append(f"Device {s['device']}; {memory}; {s['train_samples']} training samples.")
+    ranks = s.get("world_size", 1)
+    device = f"{s['device']} x {ranks} ranks (DDP: every B is global, B / {ranks} per rank)" if ranks > 1 else s["device"]
+    lines.append(f"Device {device}; {memory}; {s['train_samples']} training samples.")
     if not s["quick"]:
         regret = s.get("regret", {})
         seeds = [f"B={b}: {_fmt(regret.get(str(b)), 3)}x" for b in (2, 32) if str(b) in regret]
@@ -122,9 +127,12 @@ def markdown(summary: dict[str, Any], gns: dict[str, Any], plots: list[str]) -> 
             f"({gns['method']} gradients). Near the target |G|^2 shrinks and B_simple grows large and noisy: read "
             "the early points and the separately averaged value.", "",
             "| step | samples seen | monitored | B_simple | B_simple (EMA) |", "|---:|---:|---:|---:|---:|"]
+    ranks = "ranks_b_simple" in gns["points"][0] if gns["points"] else False
+    if ranks:  # under DDP, the ranks' own estimate beside the study's
+        out[-2:] = [out[-2] + " B_simple (ranks' norms) |", out[-1] + "---:|"]
     for p in gns["points"]:
         out.append(f"| {p['step']} | {p['samples_seen']} | {_fmt(p['value'])} | {_fmt(p['b_simple'])} | "
-                   f"{_fmt(p['b_simple_ema'])} |")
+                   f"{_fmt(p['b_simple_ema'])} |" + (f" {_fmt(p['ranks_b_simple'])} |" if ranks else ""))
     out.append("")
     for name in plots:
         out += [f"![{name}]({name})", ""]

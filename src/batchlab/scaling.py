@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -59,7 +59,7 @@ def ema(values: Sequence[float], decay: float) -> list[float]:
     return out
 
 
-LossFn = Callable[[tuple[Tensor, ...]], Tensor]
+LossFn = Callable[[Any], Tensor]
 
 
 def per_example_noise(module: nn.Module, loss_fn: LossFn, batch: tuple[Tensor, ...]) -> NoiseSample:
@@ -69,6 +69,12 @@ def per_example_noise(module: nn.Module, loss_fn: LossFn, batch: tuple[Tensor, .
     gradients come from ``torch.func.vmap`` over ``torch.func.grad``. Raises whatever torch.func raises where the
     model cannot be vmapped (batch norm in training mode, data-dependent control flow...).
     """
+    mean_grad, per_example_sq = per_example_gradients(module, loss_fn, batch)
+    return estimate_from_norms(per_example_sq, mean_grad.pow(2).sum().item(), 1, len(batch[0]))
+
+
+def per_example_gradients(module: nn.Module, loss_fn: LossFn, batch: tuple[Tensor, ...]) -> tuple[Tensor, float]:
+    """The batch's mean gradient (one flat vector) and the mean squared norm of its per-example gradients."""
     from torch.func import functional_call, grad, vmap
 
     wrapper = _LossModule(module, loss_fn)
@@ -80,8 +86,7 @@ def per_example_noise(module: nn.Module, loss_fn: LossFn, batch: tuple[Tensor, .
 
     grads = vmap(grad(example_loss), in_dims=(None, *([0] * len(batch))))(params, *batch)
     per_example_sq = sum(g.flatten(1).pow(2).sum(1) for g in grads.values())  # |g_i|^2, shape (B,)
-    mean_grad_sq = sum(g.mean(0).pow(2).sum() for g in grads.values())  # |G_B|^2
-    return estimate_from_norms(per_example_sq.mean().item(), mean_grad_sq.item(), 1, len(batch[0]))
+    return torch.cat([g.mean(0).reshape(-1) for g in grads.values()]), per_example_sq.mean().item()
 
 
 class _LossModule(nn.Module):
@@ -112,6 +117,26 @@ def two_batch_noise(module: nn.Module, loss_fn: LossFn, batch: tuple[Tensor, ...
     chunks = [tuple(t[i : i + b_small] for t in batch) for i in range(0, b_big - b_small + 1, b_small)]
     g2_small = sum(sq_norm(c) for c in chunks) / len(chunks)
     return estimate_from_norms(g2_small, sq_norm(batch), b_small, b_big)
+
+
+def local_gradient(module: nn.Module, loss_fn: LossFn, batch: Any) -> Tensor:
+    """The gradient of ``loss_fn(batch)`` over ``module``'s trainable parameters, as one flat vector."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss_fn(batch), params)])
+
+
+def data_parallel_noise(local_grad: Tensor, local_small_sq: float, b_small: int, b_big: int,
+                        all_reduce_mean: Callable[[Tensor], Tensor]) -> NoiseSample:
+    """|G|^2 and tr(Sigma) under data parallelism, B_big being all ranks' batches together.
+
+    Each rank passes the mean gradient of its own batch and the mean squared norm of gradients at ``b_small``
+    within it: with B_small = the rank's batch, ``|local_grad|^2`` itself (the norms DDP has before its
+    all-reduce); with per-example gradients, B_small = 1. ``all_reduce_mean`` averages a tensor over the ranks,
+    as DDP does to gradients every step; one collective gives the global mean gradient (|G_big|^2) and the mean
+    of the small-batch norms (|G_small|^2) together.
+    """
+    both = all_reduce_mean(torch.cat([local_grad, local_grad.new_tensor([local_small_sq])]))
+    return estimate_from_norms(both[-1].item(), both[:-1].pow(2).sum().item(), b_small, b_big)
 
 
 @dataclass

@@ -17,6 +17,11 @@ attribute or hparam (the LR finder's contract), and whose model logs the monitor
 
 Every finished measurement is written at once, atomically, into the study's folder; rerunning the same command
 skips what is done. ``batchlab.report`` writes the results (CSV, JSON, Markdown, plots, TensorBoard runs).
+
+Under Lightning's DDP (``--trainer.strategy ddp --trainer.devices N``, or torchrun/SLURM) every rank runs this same
+study, one fit after another, in step: B is the global batch (B / world size per rank), every measurement is rank
+0's, broadcast to all ranks so that all take the same decisions, and rank 0 alone writes. The noise scale then
+comes from the ranks' own gradients (B_small = one rank's batch, B_big = the global batch).
 """
 
 from __future__ import annotations
@@ -40,9 +45,11 @@ import torch
 from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping
-from lightning.pytorch.utilities import move_data_to_device
+from lightning.pytorch.strategies import DDPStrategy, Strategy
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_only
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -303,6 +310,40 @@ class CurveRecorder(Callback):
                            "seconds": time.perf_counter() - self._start, "value": float(value)})
 
 
+class StopTogether(Callback):
+    """Under DDP: a signal to any rank stops every rank after the same step. Ranks that stopped at different steps
+    would wait for ever on each other's collectives, and a terminal's Ctrl+C reaches all ranks, a scheduler's
+    SIGTERM perhaps only one.
+
+    It also keeps SIGTERM from Lightning's own handler, which runs a collective inside the signal handler, out of
+    step with the other ranks, and hangs (Lightning issue #20806). Lightning installs it after ``on_fit_start``
+    and no hook runs between that and ``on_train_start``: SIGTERM is held (blocked, so kept pending) from the one
+    to the other, where the study's handler is put back and then receives it.
+    """
+
+    def __init__(self, study: Study) -> None:
+        self.study = study
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        hold_sigterm(True)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        handler = getattr(self.study, "signal_handler", None)
+        if handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)  # Lightning restores the study's own at the end of the fit
+        hold_sigterm(False)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if self.study.stop_requested_anywhere():
+            trainer.should_stop = True
+
+
+def hold_sigterm(hold: bool) -> None:
+    """Block SIGTERM (it stays pending) or unblock it (a pending one is delivered now), where the OS allows."""
+    if hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_BLOCK if hold else signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
 class Snapshots(Callback):
     """Keeps CPU copies of the weights at the given steps (and at the start) for the noise-scale estimates."""
 
@@ -363,13 +404,67 @@ class Study:
         self.base_batch_size = settings.base_batch_size or int(get_value("batch_size", model, datamodule))
         # Measurements from another device or software stack are not comparable: they belong to another study.
         probe = self._probe()
-        self.device, self.world_size = probe.strategy.root_device, probe.world_size
+        self.device, self.world_size, self.strategy = probe.strategy.root_device, probe.world_size, probe.strategy
+        if self.world_size > 1:
+            named = trainer_kwargs.get("strategy")
+            check(runs_fits_in_this_process(self.strategy),
+                  f"strategy={named if isinstance(named, str) else type(self.strategy).__name__} is not allowed in a "
+                  f"study on {self.world_size} devices: use ddp (each rank runs the study's fits in turn, in its own "
+                  "process)")
+            self._check_divisible("base_batch_size", self.base_batch_size if settings.base_batch_size else None)
+            # The configured batch size is per device; the study's batch sizes are global.
+            self.base_batch_size = settings.base_batch_size or self.base_batch_size * self.world_size
         machine = {"device": device_name(self.device), "torch": torch.__version__,
                    "lightning": lightning.__version__}
         self.fingerprint = {"study": settings.fingerprint(), "config": config or self._describe_objects(),
                             "machine": machine}
         self.folder: Optional[StudyFolder] = None  # opened once the configuration has been checked
         self._bar: Optional[tqdm] = None
+
+    # Ranks ---------------------------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        # Lightning's rank_zero_only.rank is right from the start in every process it launches; the process group,
+        # once up, is the authority.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank()
+        return rank_zero_only.rank
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.rank == 0
+
+    def _shared(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (``value`` itself on one device): the ranks measure together, but only
+        rank 0's figures count, so that every rank takes the same decisions and stays in step."""
+        return self.strategy.broadcast(value, src=0) if self.world_size > 1 else value
+
+    def _check_divisible(self, name: str, batch_size: Optional[int]) -> None:
+        w = self.world_size
+        check(batch_size is None or batch_size % w == 0,
+              f"{name}={batch_size} is not allowed on {w} devices: batch sizes are global, use a multiple of {w}")
+
+    def _measured(self, key: str, measure: Any) -> Any:
+        """The measurement stored under ``key`` in the study's folder, or ``measure()`` run now and stored."""
+        cached = self._shared(self.folder.read(key) if self.is_global_zero else None)
+        if cached is None:
+            cached = self._shared(measure())
+            if self.is_global_zero:
+                self.folder.write(key, cached)
+        return cached
+
+    def _open_folder(self) -> StudyFolder:
+        """Rank 0 opens (or refuses) the folder; the others learn where it is, or the refusal."""
+        outcome: Any = None
+        if self.is_global_zero:
+            try:
+                outcome = str(StudyFolder.open(self.settings.out, self.fingerprint, self.settings.fresh).root)
+            except ConfigError as err:
+                outcome = err
+        outcome = self._shared(outcome)
+        if isinstance(outcome, ConfigError):
+            raise outcome
+        return StudyFolder(Path(outcome))
 
     def _describe_objects(self) -> dict[str, Any]:
         out = {"trainer": self.trainer_kwargs}
@@ -395,10 +490,12 @@ class Study:
     def _fit(self, batch_size: int, lr: float, callbacks: list[Callback], max_steps: int,
              validate_every: Optional[int]) -> tuple[LightningModule, Trainer]:
         model, data = copy.deepcopy(self.model), copy.deepcopy(self.datamodule)
-        set_value("batch_size", batch_size, model, data)
+        set_value("batch_size", batch_size // self.world_size, model, data)
         set_value(self.lr_attr, lr, model)
         seed_everything(self.settings.seed, verbose=False)
         self._check_stop()
+        if self.world_size > 1:
+            callbacks = [*callbacks, StopTogether(self)]
         with quiet_lightning():
             trainer = self._active = self._trainer(callbacks, max_steps, validate_every)
             try:
@@ -410,6 +507,7 @@ class Study:
                 self._stop = signame
             finally:
                 self._active = None
+                hold_sigterm(False)  # should the fit have failed between StopTogether's two hooks
         self._check_stop()  # a fit cut short by a signal is not a measurement
         return model, trainer
 
@@ -425,9 +523,10 @@ class Study:
 
         def handler(signum: int, frame: Any) -> None:
             self._stop = signal.Signals(signum).name
-            if self._active is not None:
+            if self._active is not None and self.world_size == 1:  # under DDP StopTogether stops all ranks at once
                 self._active.should_stop = True
 
+        self.signal_handler = handler
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
@@ -436,10 +535,23 @@ class Study:
                 signal.signal(sig, old)
 
     def _check_stop(self) -> None:
+        """Raise ``RunInterrupted`` once a signal came. Under DDP every rank calls this at the same points, so the
+        ranks agree there, and all stop together, or none."""
+        if self.world_size > 1:
+            # Only the ranks' joint answer counts: a signal landing just after it waits for the next check.
+            if not self.stop_requested_anywhere():
+                return
+            # The signal rank 0 had, or this rank's own (a scheduler may signal one rank only).
+            self._stop = self._shared(self._stop) or self._stop or "SIGTERM"
         if getattr(self, "_stop", None):
             where = self.folder.root if self.folder else self.settings.out
-            raise RunInterrupted(self._stop, f"study interrupted by {self._stop}; every finished measurement is "
-                                             f"kept in {where}: rerun the same command to resume")
+            message = (f"study interrupted by {self._stop}; every finished measurement is kept in {where}: rerun "
+                       "the same command to resume")
+            raise RunInterrupted(self._stop, message if self.is_global_zero else None)
+
+    def stop_requested_anywhere(self) -> bool:
+        """Whether any rank has had a signal (a collective: every rank must ask at the same point)."""
+        return self.strategy.reduce_boolean_decision(getattr(self, "_stop", None) is not None, all=False)
 
     def centre_lr(self, batch_size: int) -> float:
         ratio = batch_size / self.base_batch_size
@@ -460,33 +572,40 @@ class Study:
 
     def grid(self, n_train: int, memory_max: Optional[int]) -> list[int]:
         s = self.settings
+        w = self.world_size
         cap = min(x for x in (n_train, s.max_batch_size, memory_max) if x)
         if s.grid is not None:
             grid = sorted(set(s.grid))
             too_big = [b for b in grid if b > cap]
             check(not too_big, f"grid entries {too_big} are above the cap of {cap} (training samples, "
                                "--max_batch_size or the memory limit)")
+            uneven = [b for b in grid if b % w]
+            check(not uneven, f"grid entries {uneven} are not allowed on {w} devices: batch sizes are global, "
+                              f"use multiples of {w}")
         else:
-            grid = [2**k for k in range(int(math.log2(cap)) + 1)]
+            check(cap >= w, f"no batch size fits: the cap of {cap} is below one sample per device ({w} devices)")
+            grid = [w * 2**k for k in range(int(math.log2(cap // w)) + 1)]
         # Regret is always reported for the seed's 2 and the common default 32, where the data allows them.
-        return sorted(set(grid) | {b for b in (2, 32) if b <= cap})
+        return sorted(set(grid) | {b for b in (2, 32) if b <= cap and b % w == 0})
 
     def memory_max(self) -> Optional[int]:
         """The finder's largest batch that fits in device memory; None on a CPU, where memory does not bound it."""
-        if self.device.type != "cuda":
+        # Lightning's finder refuses DDP: several devices are capped by --max_batch_size instead.
+        if self.device.type != "cuda" or self.world_size > 1:
             return None
-        cached = self.folder.read("memory")
-        if cached is None:
+
+        def search() -> dict[str, Any]:
             from batchlab.tune import BatchSizeSearch, run_tune
 
             model, data = copy.deepcopy(self.model), copy.deepcopy(self.datamodule)
             with quiet_lightning():
                 trainer = self._trainer([], max_steps=10, validate_every=None)
                 # binsearch, because Lightning's power search stops at 8192 whatever max_val says.
-                search = BatchSizeSearch(mode="binsearch", margin=0.0, max_val=2**24, steps_per_trial=2)
-                result = run_tune(trainer, model, data, search)
-            cached = {"memory_max_batch_size": result["effective_batch_size"], "search": result}
-            self.folder.write("memory", cached)
+                finder = BatchSizeSearch(mode="binsearch", margin=0.0, max_val=2**24, steps_per_trial=2)
+                result = run_tune(trainer, model, data, finder)
+            return {"memory_max_batch_size": result["effective_batch_size"], "search": result}
+
+        cached = self._measured("memory", search)
         return cached["memory_max_batch_size"] if cached["search"]["memory_limited"] else None
 
     def throughput(self, grid: list[int]) -> list[dict[str, Any]]:
@@ -500,27 +619,23 @@ class Study:
                 for b, t in rounds.items()]
 
     def _time_steps(self, batch_size: int, round_: int) -> dict[str, Any]:
-        key = f"throughput/bs{batch_size}-round{round_}"
-        cached = self.folder.read(key)
-        if cached is None:
+        def measure() -> dict[str, Any]:
             s = self.settings
             timer = StepTimer(s.warmup_steps)
             self._fit(batch_size, self.centre_lr(batch_size), [timer], s.warmup_steps + s.throughput_steps + 1, None)
             times = sorted(timer.times)
             # A low quantile, not the mean: other work on the machine only ever adds time to a step.
-            cached = {"batch_size": batch_size, "step_s": times[len(times) // 5],
-                      "median_step_s": times[len(times) // 2], "steps_timed": len(times)}
-            self.folder.write(key, cached)
+            return {"batch_size": batch_size, "step_s": times[len(times) // 5],
+                    "median_step_s": times[len(times) // 2], "steps_timed": len(times)}
+
+        cached = self._measured(f"throughput/bs{batch_size}-round{round_}", measure)
         self._tick()
         return cached
 
     def trial(self, batch_size: int, factor: float, max_steps: int) -> dict[str, Any]:
         lr = self.centre_lr(batch_size) * factor
-        key = f"trials/bs{batch_size}-lr{lr:.6g}"
-        cached = self.folder.read(key)
-        if cached is None:
-            cached = self._run_trial(batch_size, lr, factor, max_steps)
-            self.folder.write(key, cached)
+        cached = self._measured(f"trials/bs{batch_size}-lr{lr:.6g}",
+                                lambda: self._run_trial(batch_size, lr, factor, max_steps))
         self._tick()
         return cached
 
@@ -583,10 +698,7 @@ class Study:
         return results
 
     def noise_scale(self) -> dict[str, Any]:
-        cached = self.folder.read("gns")
-        if cached is None:
-            cached = self._measure_noise_scale()
-            self.folder.write("gns", cached)
+        cached = self._measured("gns", self._measure_noise_scale)
         self._tick()
         return cached
 
@@ -607,23 +719,29 @@ class Study:
         probe = copy.deepcopy(self.model).to(device)
         probe.automatic_optimization = True  # so that training_step returns the loss (see __init__)
         curve = {p["step"]: p["value"] for p in recorder.curve}
-        points, all_samples, method = [], [], None
+        points, pooled, method = [], {}, None
         for step, state in snapshots.states:
             probe.load_state_dict(state)
-            samples, method = self._noise_samples(probe, batches, method)
-            all_samples += samples
-            g2 = sum(x.g2 for x in samples) / len(samples)
-            trace = sum(x.trace for x in samples) / len(samples)
-            points.append({"step": step, "samples_seen": step * b_ref, "value": curve.get(step), "g2": g2,
-                           "trace": trace, "b_simple": scaling.b_simple(samples)})
+            estimates, method = self._noise_samples(probe, batches, method)
+            point = {"step": step, "samples_seen": step * b_ref, "value": curve.get(step)}
+            for name, samples in estimates.items():
+                pooled.setdefault(name, []).extend(samples)
+                prefix = "" if name == method else f"{name}_"
+                point.update({f"{prefix}g2": sum(x.g2 for x in samples) / len(samples),
+                              f"{prefix}trace": sum(x.trace for x in samples) / len(samples),
+                              f"{prefix}b_simple": scaling.b_simple(samples)})
+            points.append(point)
         decay = 0.5
         g2_ema = scaling.ema([p["g2"] for p in points], decay)
         trace_ema = scaling.ema([p["trace"] for p in points], decay)
         for p, g, t in zip(points, g2_ema, trace_ema):
             p["b_simple_ema"] = t / g if g > 0 else math.inf
-        return {"b_simple": scaling.b_simple(all_samples), "method": method, "reference_batch_size": b_ref,
-                "reference_lr": self.centre_lr(b_ref), "estimate_batch_size": b_big,
-                "batches_per_point": len(batches), "points": points}
+        out = {"b_simple": scaling.b_simple(pooled[method]), "method": method, "reference_batch_size": b_ref,
+               "reference_lr": self.centre_lr(b_ref), "estimate_batch_size": b_big,
+               "batches_per_point": len(batches), "points": points}
+        if self.world_size > 1:
+            out.update(rank_batch_size=b_big // self.world_size, b_simple_ranks=scaling.b_simple(pooled["ranks"]))
+        return out
 
     def _noise_batches(self, b_big: int, device: torch.device) -> list[Any]:
         data = copy.deepcopy(self.datamodule)
@@ -641,22 +759,63 @@ class Study:
         return batches
 
     def _noise_samples(self, probe: LightningModule, batches: list[Any],
-                       method: Optional[str]) -> tuple[list[scaling.NoiseSample], str]:
+                       method: Optional[str]) -> tuple[dict[str, list[scaling.NoiseSample]], str]:
+        """Noise estimates from each batch, by method; the method the study uses is returned beside them."""
         def loss_fn(batch: Any) -> Tensor:
             out = probe.training_step(batch, 0)
             return out["loss"] if isinstance(out, dict) else out
 
         with quiet_lightning(), torch.enable_grad():
+            if self.world_size > 1:
+                return self._data_parallel_samples(probe, loss_fn, batches, method)
             if method in (None, "per_example") and all(_tensor_tuple(b) for b in batches):
                 try:
-                    return [scaling.per_example_noise(probe, loss_fn, tuple(b)) for b in batches], "per_example"
+                    return {"per_example": [scaling.per_example_noise(probe, loss_fn, tuple(b))
+                                            for b in batches]}, "per_example"
                 except Exception:  # noqa: BLE001 - any model torch.func cannot vmap falls back to plain autograd
                     if method == "per_example":
                         raise
             b_big = extract_batch_size(batches[0])
             b_small = max(1, b_big // 16)
-            return [scaling.two_batch_noise(probe, loss_fn, _as_tuple(b), b_small) for b in batches], "two_batch"
+            return {"two_batch": [scaling.two_batch_noise(probe, loss_fn, _as_tuple(b), b_small)
+                                  for b in batches]}, "two_batch"
 
+    def _data_parallel_samples(self, probe: LightningModule, loss_fn: Any, batches: list[Any],
+                               method: Optional[str]) -> tuple[dict[str, list[scaling.NoiseSample]], str]:
+        """Under DDP each rank differentiates its own slice of every batch. The ranks' gradient norms give the
+        estimate DDP gets for free (``ranks``: B_small = one rank's batch, B_big = the global batch); where
+        torch.func can vmap the model, per-example gradients on each rank give the study's estimate, the same as
+        one device's per-example estimate of the global batch: the ranks' estimate is far noisier (its relative
+        error per batch is about 2 sqrt(2 B_small / B_simple)), so it is kept beside it."""
+        w, rank = self.world_size, self.rank
+        b_big = extract_batch_size(batches[0])
+        b_local = b_big // w
+
+        def mean_over_ranks(t: Tensor) -> Tensor:
+            return self.strategy.reduce(t, reduce_op="mean")
+
+        out: dict[str, list[scaling.NoiseSample]] = {"ranks": [], "per_example": []}
+        # Whether vmap works is the same on every rank (the same model and batches), so every rank takes the same
+        # collectives.
+        per_example = method in (None, "per_example") and all(_tensor_tuple(b) for b in batches)
+        for batch in batches:
+            local = _rows(batch, rank * b_local, (rank + 1) * b_local)
+            if per_example:
+                try:
+                    grad, example_sq = scaling.per_example_gradients(probe, loss_fn, tuple(local))
+                except Exception:  # noqa: BLE001 - as on one device, fall back to plain autograd
+                    if method == "per_example":
+                        raise
+                    per_example = False
+            if per_example:
+                out["per_example"].append(scaling.data_parallel_noise(grad, example_sq, 1, b_big, mean_over_ranks))
+            else:
+                grad = scaling.local_gradient(probe, loss_fn, local)
+            out["ranks"].append(scaling.data_parallel_noise(grad, grad.pow(2).sum().item(), b_local, b_big,
+                                                            mean_over_ranks))
+        if not per_example:
+            del out["per_example"]
+        return out, "per_example" if per_example else "ranks"
     # The whole study ----------------------------------------------------------------------------------------
     def check_monitor(self) -> None:
         """One validation batch, so that a metric the model does not log is reported before any measurement."""
@@ -664,7 +823,11 @@ class Study:
         with quiet_lightning():
             trainer = self._trainer([], max_steps=1, validate_every=1)
             trainer.limit_val_batches = 1
-            trainer.validate(model, datamodule=data, verbose=False)
+            hold_sigterm(self.world_size > 1)  # see StopTogether: the next fit's checks act on a SIGTERM held here
+            try:
+                trainer.validate(model, datamodule=data, verbose=False)
+            finally:
+                hold_sigterm(False)
         if self.settings.monitor not in trainer.callback_metrics:
             logged = sorted(trainer.callback_metrics) or "nothing (is there a validation split?)"
             raise ConfigError(f"the model does not log monitor={self.settings.monitor!r} in validation; "
@@ -676,19 +839,20 @@ class Study:
 
     def _run(self) -> dict[str, Any]:
         s = self.settings
-        check(self.world_size == 1, f"the study runs on one device for now, not {self.world_size} "
-                                    "(--trainer.devices 1 --trainer.num_nodes 1)")
+        w = self.world_size
         n_train = self.train_size()
         self.grid(n_train, None)  # a bad --grid is refused before anything is written
-        self.noise_batch_size = b_big = s.gns_batch_size or min(1024, n_train)
-        check(2 <= b_big <= n_train, f"gns_batch_size={b_big} is not allowed: the noise scale needs full batches of "
-                                     f"2 to {n_train} samples (the training set)")
+        self.noise_batch_size = b_big = s.gns_batch_size or min(1024, n_train) // w * w
+        check(2 * w <= b_big <= n_train, f"gns_batch_size={b_big} is not allowed: the noise scale needs full batches "
+                                         f"of {2 * w} to {n_train} samples (the training set)")
+        self._check_divisible("gns_batch_size", b_big)
         self.check_monitor()
-        self.folder = StudyFolder.open(s.out, self.fingerprint, s.fresh)
+        self.folder = self._open_folder()
         memory_max = self.memory_max()
         grid = self.grid(n_train, memory_max)
         total = len(grid) * s.throughput_rounds + 1 + (0 if s.quick else len(grid) * len(set(s.lr_factors)))
-        self._bar = tqdm(total=total, desc="batchlab study", unit="run", dynamic_ncols=True)
+        self._bar = tqdm(total=total, desc="batchlab study", unit="run", dynamic_ncols=True,
+                         disable=not self.is_global_zero)
         try:
             throughput = self.throughput(grid)
             self.gns = self.noise_scale()
@@ -712,6 +876,23 @@ class Study:
         if self._bar is not None:
             self._bar.total += n
             self._bar.refresh()
+
+
+def runs_fits_in_this_process(strategy: Strategy) -> bool:
+    """Whether each rank runs the fits in its own, lasting process (DDP started by Lightning re-running the command,
+    by torchrun or by SLURM), as the study's sequence of fits needs; spawned ranks (``ddp_spawn``) end with each fit.
+
+    Lightning says which way it starts ranks only through its launcher's class, a private name: kept here alone.
+    """
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    return isinstance(strategy, DDPStrategy) and (strategy.launcher is None
+                                                  or isinstance(strategy.launcher, _SubprocessScriptLauncher))
+
+
+def _rows(batch: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of every tensor in a batch (of any nesting)."""
+    return apply_to_collection(batch, Tensor, lambda t: t[start:stop])
 
 
 def _tensor_tuple(batch: Any) -> bool:
@@ -766,10 +947,10 @@ def summarise(study: Study, grid: list[int], n_train: int, memory_max: Optional[
     quick_b = scaling.nearest_in_grid(b_star_quick, grid) if not math.isnan(b_star_quick) else None
     summary: dict[str, Any] = {
         "quick": s.quick, "target": s.target, "monitor": s.monitor, "mode": s.mode, "grid": grid,
-        "train_samples": n_train, "device": device,
+        "train_samples": n_train, "device": device, "world_size": study.world_size,
         "memory_max_batch_size": memory_max, "memory_bound": memory_max is not None,
         "alpha_s": fit_t.alpha, "beta_s": fit_t.beta,
-        "b_simple": gns["b_simple"], "b_simple_method": gns["method"],
+        "b_simple": gns["b_simple"], "b_simple_method": gns["method"], "b_simple_ranks": gns.get("b_simple_ranks"),
         "quick_b_star": b_star_quick, "quick_recommended_batch_size": quick_b,
         "lr_rule": s.lr_rule, "base_lr": study.base_lr, "base_batch_size": study.base_batch_size,
         "folder": str(study.folder.root),
