@@ -56,21 +56,19 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def _newest_checkpoint(callback: Any) -> Optional[Path]:
-    """The checkpoint ``callback`` saved last, or None.
+    """The newest checkpoint in ``callback``'s folder, or None.
 
-    ModelCheckpoint records the path it saved last (``_last_checkpoint_saved``, private in Lightning 2.6); the
-    newest file of its folder is only the fallback. Modification times cannot order two saves close together:
-    many file systems stamp them with a clock that ticks every few milliseconds (or seconds), and a signal soon
-    after an epoch's checkpoint leaves two with the same time, whose names do not sort by step
-    (``epoch=10-...`` before ``epoch=9-...``).
+    Newest by modification time, and among equal times the one the callback saved last (ModelCheckpoint's
+    ``_last_checkpoint_saved``, private in Lightning 2.6): many file systems stamp files with a clock that ticks
+    every few milliseconds (or seconds), so a signal soon after an epoch's checkpoint leaves two with the same
+    time, and their names do not sort by step (``epoch=10-...`` before ``epoch=9-...``).
     """
     folder = getattr(callback, "dirpath", None)
     if folder is None or not Path(folder).is_dir():
         return None
     last = getattr(callback, "_last_checkpoint_saved", None)
-    if last and Path(last).is_file() and Path(last).resolve().parent == Path(folder).resolve():
-        return Path(folder) / Path(last).name  # named as the folder is, like the fallback's
-    saved = sorted(Path(folder).glob("*.ckpt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+    last_name = Path(last).name if last else None
+    saved = sorted(Path(folder).glob("*.ckpt"), key=lambda p: (p.stat().st_mtime_ns, p.name == last_name, p.name))
     return saved[-1] if saved else None
 
 
