@@ -23,6 +23,7 @@ from batchlab.summary import RunSummary
 
 DATA = ["--data.n_samples", "512", "--data.batch_size", "32"]
 STEPS_PER_EPOCH = 512 // 32
+PAST_FIRST_EPOCH = STEPS_PER_EPOCH + 4  # the signal is sent once the fit has trained this many steps
 
 
 def _sigint_as_default():
@@ -32,19 +33,22 @@ def _sigint_as_default():
 
 
 def _interrupt_a_fit(tmp_path, signum, *args, group=False):
-    """Start a fit with (practically) no end, wait until it has saved an epoch's checkpoint, send ``signum`` (with
-    ``group``, to its whole process group, as Ctrl+C in a terminal does)."""
+    """Start a fit with (practically) no end, wait until it has saved an epoch's checkpoint and trained a few steps
+    past it, send ``signum`` (with ``group``, to its whole process group, as Ctrl+C in a terminal does)."""
+    marker = tmp_path / "past-first-epoch"
     proc = subprocess.Popen(
-        command("fit", "-c", SEED, *QUIET, *DATA, "--trainer.max_epochs", "100000", *args),
+        command("fit", "-c", SEED, *QUIET, *DATA, "--trainer.max_epochs", "100000", *args,
+                "--trainer.callbacks+=probes.MarkStep", f"--trainer.callbacks.step={PAST_FIRST_EPOCH}",
+                f"--trainer.callbacks.path={marker}"),
         cwd=tmp_path, env=command_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=_sigint_as_default, start_new_session=group,
     )
     try:
+        # Wait for the step itself, not a fixed time: on a loaded machine the fit may not have moved in 0.3 s.
         deadline = time.monotonic() + 120
-        while not list(tmp_path.glob("runs/seed/version_0/checkpoints/*.ckpt")):
+        while not (marker.exists() and list(tmp_path.glob("runs/seed/version_0/checkpoints/*.ckpt"))):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
-        time.sleep(0.3)  # mid-run, a few steps past the first epoch's checkpoint
         if group:
             os.killpg(proc.pid, signum)
         else:
