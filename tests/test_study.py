@@ -272,6 +272,17 @@ def test_the_lr_grid_is_extended_towards_the_better_edge(results, direction):
     assert study_module._extend_direction(results) == direction
 
 
+def test_the_best_lr_among_equal_step_counts_is_the_one_tried_first_not_the_faster_wall_clock():
+    tried_first, later = _result(1, "reached", 1.0, 80), _result(2, "reached", 1.0, 80)
+    later["wall_s"] = 0.5  # noise: the same steps at the same batch size
+    assert study_module._best([tried_first, later]) is tried_first
+    assert study_module._best([later, tried_first]) is tried_first
+    below = _result(0.5, "reached", 1.0, 80)
+    assert study_module._best([below, tried_first, later]) is tried_first
+    assert study_module._best([below, later]) is below, "0.5 and 2 are as near 1: the smaller LR"
+    assert study_module._best([later, _result(0.5, "reached", 1.0, 75)])["lr_factor"] == 0.5, "fewer steps win"
+
+
 @pytest.mark.parametrize(
     "signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)], ids=["SIGINT", "SIGTERM"]
 )
