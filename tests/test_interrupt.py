@@ -135,7 +135,8 @@ def test_the_checkpoint_named_is_the_one_saved_last_even_where_file_times_tie(tm
     summary = RunSummary(verbose=False)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_on_exception=True)
     trainer = Trainer(max_epochs=20, logger=False, callbacks=[summary, checkpoint, _InterruptAt(42)],
-                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+                      default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
+                      accelerator="cpu")
     with pytest.raises(SystemExit):  # Lightning's end of a fit stopped by Ctrl+C
         trainer.fit(MLPRegressor(), ToyRegressionData(n_samples=16, batch_size=4))
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
@@ -143,6 +144,7 @@ def test_the_checkpoint_named_is_the_one_saved_last_even_where_file_times_tie(tm
     for name in files:  # the same modification time, as a coarse file-system clock gives
         os.utime(tmp_path / "ckpt" / name, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
     result = summary.finish_interrupted(trainer)
+    assert (tmp_path / "summary.json").is_file()
     assert result["checkpoint_step"] == result["steps"] == 42
     assert result["checkpoint"] == str(tmp_path / "ckpt" / "epoch=10-step=42.ckpt")
     assert torch.load(result["checkpoint"], weights_only=False)["global_step"] == 42
