@@ -42,3 +42,16 @@ class RecordSeenRows(Callback):
         out = Path(self.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         torch.save(self.seen, out / f"rank{trainer.global_rank}.pt")
+
+
+class MarkStep(Callback):
+    """Rank 0 writes the file ``path`` once training has passed optimizer step ``step``: a test that sends a signal
+    waits for it, so that the signal lands after that step however slow or loaded the machine is."""
+
+    def __init__(self, step: int, path: str = "step-reached") -> None:
+        self.step = step
+        self.path = path
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if trainer.global_rank == 0 and trainer.global_step >= self.step and not Path(self.path).exists():
+            Path(self.path).write_text(str(trainer.global_step))

@@ -13,11 +13,17 @@ import time
 import pytest
 import torch
 from conftest import QUIET, SEED, command, command_env, load_summary, run_command, run_dirs, scalars, snapshot
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from batchlab.cli import make_cli
+from batchlab.data import ToyRegressionData
+from batchlab.model import MLPRegressor
+from batchlab.summary import RunSummary
 
 DATA = ["--data.n_samples", "512", "--data.batch_size", "32"]
 STEPS_PER_EPOCH = 512 // 32
+PAST_FIRST_EPOCH = STEPS_PER_EPOCH + 4  # the signal is sent once the fit has trained this many steps
 
 
 def _sigint_as_default():
@@ -27,19 +33,22 @@ def _sigint_as_default():
 
 
 def _interrupt_a_fit(tmp_path, signum, *args, group=False):
-    """Start a fit with (practically) no end, wait until it has saved an epoch's checkpoint, send ``signum`` (with
-    ``group``, to its whole process group, as Ctrl+C in a terminal does)."""
+    """Start a fit with (practically) no end, wait until it has saved an epoch's checkpoint and trained a few steps
+    past it, send ``signum`` (with ``group``, to its whole process group, as Ctrl+C in a terminal does)."""
+    marker = tmp_path / "past-first-epoch"
     proc = subprocess.Popen(
-        command("fit", "-c", SEED, *QUIET, *DATA, "--trainer.max_epochs", "100000", *args),
+        command("fit", "-c", SEED, *QUIET, *DATA, "--trainer.max_epochs", "100000", *args,
+                "--trainer.callbacks+=probes.MarkStep", f"--trainer.callbacks.step={PAST_FIRST_EPOCH}",
+                f"--trainer.callbacks.path={marker}"),
         cwd=tmp_path, env=command_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=_sigint_as_default, start_new_session=group,
     )
     try:
+        # Wait for the step itself, not a fixed time: on a loaded machine the fit may not have moved in 0.3 s.
         deadline = time.monotonic() + 120
-        while not list(tmp_path.glob("runs/seed/version_0/checkpoints/*.ckpt")):
+        while not (marker.exists() and list(tmp_path.glob("runs/seed/version_0/checkpoints/*.ckpt"))):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
-        time.sleep(0.3)  # mid-run, a few steps past the first epoch's checkpoint
         if group:
             os.killpg(proc.pid, signum)
         else:
@@ -109,6 +118,36 @@ def test_ctrl_c_stops_a_ddp_fit_cleanly_and_it_resumes_from_the_last_epoch(tmp_p
     _, resumed = run_dirs(tmp_path)
     assert load_summary(resumed)["steps"] == end * per_epoch
     assert len(scalars(resumed)["train/loss"]) == 2 * per_epoch
+
+
+class _InterruptAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_the_checkpoint_named_is_the_one_saved_last_even_where_file_times_tie(tmp_path):
+    """Many file systems stamp files with a clock that ticks every few milliseconds, or seconds: a signal soon after
+    an epoch's checkpoint leaves two checkpoints with one modification time, and their names do not sort by step."""
+    summary = RunSummary(verbose=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_on_exception=True)
+    trainer = Trainer(max_epochs=20, logger=False, callbacks=[summary, checkpoint, _InterruptAt(42)],
+                      default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
+                      accelerator="cpu")
+    with pytest.raises(SystemExit):  # Lightning's end of a fit stopped by Ctrl+C
+        trainer.fit(MLPRegressor(), ToyRegressionData(n_samples=16, batch_size=4))
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert files == ["epoch=10-step=42.ckpt", "epoch=9-step=40.ckpt"]
+    for name in files:  # the same modification time, as a coarse file-system clock gives
+        os.utime(tmp_path / "ckpt" / name, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+    result = summary.finish_interrupted(trainer)
+    assert (tmp_path / "summary.json").is_file()
+    assert result["checkpoint_step"] == result["steps"] == 42
+    assert result["checkpoint"] == str(tmp_path / "ckpt" / "epoch=10-step=42.ckpt")
+    assert torch.load(result["checkpoint"], weights_only=False)["global_step"] == 42
 
 
 def test_only_batchlabs_own_checkpoint_saves_on_interruption_and_only_on_one_device(tmp_path, monkeypatch):

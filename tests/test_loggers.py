@@ -1,11 +1,14 @@
 """batchlab.loggers.TensorBoardLogger: what TensorBoard reads back is what Lightning's logger would have written,
 the scalars just take a cheaper path (their own event file, written in the caller's thread, flushed by time)."""
 
+import itertools
+
 import pytest
 import torch
 from conftest import scalars
 from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
 
+from batchlab import loggers
 from batchlab.loggers import TensorBoardLogger
 
 CALLS = [
@@ -65,6 +68,22 @@ def test_a_second_fit_on_the_same_logger_opens_a_new_scalar_file(tmp_path):
     logger.log_metrics({"a": 2.0}, step=1)
     assert logger.scalar_file != first
     logger.finalize("success")
+    assert scalars(logger.log_dir)["a"] == [(0, 1.0), (1, 2.0)]
+
+
+def test_scalar_files_of_one_process_sort_in_the_order_they_were_opened(tmp_path, monkeypatch):
+    # TensorBoard reads a run's event files in name order: the tenth file of a process (the test session opens
+    # hundreds) must not sort before the ninth, whatever the clock says.
+    monkeypatch.setattr(loggers, "_file_ids", itertools.count(9))
+    monkeypatch.setattr(loggers.time, "time", lambda: 1700000000.5)  # both files opened in the same second
+    logger = TensorBoardLogger(tmp_path, name="run")
+    logger.log_metrics({"a": 1.0}, step=0)
+    first = logger.scalar_file
+    logger.finalize("success")
+    logger.log_metrics({"a": 2.0}, step=1)
+    second = logger.scalar_file
+    logger.finalize("success")
+    assert sorted([second, first]) == [first, second]
     assert scalars(logger.log_dir)["a"] == [(0, 1.0), (1, 2.0)]
 
 

@@ -151,8 +151,17 @@ def test_fit_throughput_recovers_alpha_and_beta():
     grid = [2**k for k in range(17)]
     fit = fit_throughput(grid, [2e-3 + 1e-7 * b for b in grid])
     assert fit.alpha == pytest.approx(2e-3, rel=1e-6) and fit.beta == pytest.approx(1e-7, rel=1e-6)
-    flat = fit_throughput(grid, [1e-3] * len(grid))
-    assert flat.beta == pytest.approx(0.0, abs=1e-15) and flat.alpha == pytest.approx(1e-3)
+    # A flat t(B) is no per-sample cost at all: beta exactly 0 (so B* unbounded), not the solver's +-1e-22, whose
+    # sign depends on the BLAS build. Likewise a t(B) proportional to B has no fixed cost.
+    for flat_grid in (grid, [2, 8, 32, 64, 256], [2, 4, 32, 64]):
+        for t in (1e-3, 3.7e-4, 2.5):
+            flat = fit_throughput(flat_grid, [t] * len(flat_grid))
+            assert flat.beta == 0.0 and flat.alpha == pytest.approx(t)
+            assert optimal_batch_size(50.0, flat) == math.inf
+    proportional = fit_throughput(grid, [1e-7 * b for b in grid])
+    assert proportional.alpha == 0.0 and proportional.beta == pytest.approx(1e-7)
+    small = fit_throughput(grid, [1e-3 + 1e-10 * b for b in grid])  # small but real: 0.7% at the largest B
+    assert small.beta == pytest.approx(1e-10, rel=1e-6)
 
 
 def test_optimal_batch_size_and_nearest_grid_point():

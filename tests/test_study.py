@@ -11,6 +11,7 @@ import time
 import pytest
 from conftest import STUDY, command, command_env, scalars
 
+from batchlab import scaling
 from batchlab import study as study_module
 
 TINY = [
@@ -138,27 +139,50 @@ def test_a_diverging_learning_rate_is_recorded_not_a_crash(batchlab, tmp_path):
     assert summary["recommended_batch_size"] is None and "nothing reached the target" in summary["recommended_by"]
 
 
-def test_quick_mode_recommends_from_noise_scale_and_throughput_alone(batchlab, tmp_path):
-    result = batchlab(*[a for a in TINY if a not in ()], "--quick")
+def _synthetic_step_times(alpha, beta):
+    """A StepTimer that records every timed step as exactly alpha + beta B seconds: the quick answer then depends
+    on the noise scale and these numbers only, not on how fast or busy the machine is."""
+
+    class SyntheticStepTimer(study_module.StepTimer):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step > self.warmup:
+                self.times.append(alpha + beta * len(batch[0]))
+
+    return SyntheticStepTimer
+
+
+@pytest.mark.parametrize("beta", [1e-5, 0.0], ids=["per-sample-cost", "flat"])
+def test_quick_mode_recommends_from_noise_scale_and_throughput_alone(batchlab, tmp_path, monkeypatch, beta):
+    alpha = 2e-3
+    monkeypatch.setattr(study_module, "StepTimer", _synthetic_step_times(alpha, beta))
+    result = batchlab(*TINY, "--quick")
     assert result.code == 0, result.err
     root = tmp_path / "study"
     quick = json.loads((root / "quick.json").read_text())
     assert quick["quick"] is True and not (root / "trials").exists() and not (root / "summary.json").exists()
-    if quick["beta_s"] > 0:
-        expected = math.sqrt(quick["b_simple"] * quick["alpha_s"] / quick["beta_s"])
+    assert [e["step_s"] for e in quick["batch_sizes"]] == pytest.approx([alpha + beta * b for b in quick["grid"]])
+    assert quick["alpha_s"] == pytest.approx(alpha) and quick["beta_s"] == pytest.approx(beta, abs=1e-12)
+    if beta > 0:
+        expected = math.sqrt(quick["b_simple"] * alpha / beta)
         assert quick["quick_b_star"] == pytest.approx(expected)
+        assert quick["quick_recommended_batch_size"] == scaling.nearest_in_grid(expected, quick["grid"])
     else:
-        # A flat step time (noisy timings of a tiny model can fit beta = 0) makes B* unbounded: JSON null, and
-        # the quick answer is then the largest batch of the grid.
-        assert quick["quick_b_star"] is None and quick["quick_recommended_batch_size"] == max(quick["grid"])
+        # A flat step time makes B* unbounded: JSON null, and the quick answer is the largest batch of the grid.
+        assert quick["beta_s"] == 0.0 and quick["quick_b_star"] is None
+        assert quick["quick_recommended_batch_size"] == max(quick["grid"])
     assert quick["recommended_batch_size"] == quick["quick_recommended_batch_size"] in quick["grid"]
     gns = json.loads((root / "gns.json").read_text())
     assert gns["method"] == "per_example" and len(gns["points"]) == 3
     assert [p["step"] for p in gns["points"]] == [0, 20, 40]
     assert (root / "quick.md").is_file() and "(quick)" in result.out
-    # A full study in the same folder reuses the noise scale and the throughput already measured.
-    assert batchlab(*TINY).code == 0
-    assert json.loads((root / "gns.json").read_text()) == gns
+    if beta > 0:
+        # A full study in the same folder reuses the noise scale and the throughput already measured.
+        throughput = {k: v for k, v in _files(root).items() if k.parts[0] == "throughput"}
+        assert batchlab(*TINY).code == 0
+        assert json.loads((root / "gns.json").read_text()) == gns
+        assert {k: v for k, v in _files(root).items() if k.parts[0] == "throughput"} == throughput
+        summary = json.loads((root / "summary.json").read_text())
+        assert summary["quick_recommended_batch_size"] == quick["quick_recommended_batch_size"]
 
 
 def test_any_lightning_module_and_datamodule_by_class_path(batchlab, tmp_path):
@@ -277,6 +301,17 @@ def _result(factor, status, best_value, steps=None):
 )
 def test_the_lr_grid_is_extended_towards_the_better_edge(results, direction):
     assert study_module._extend_direction(results) == direction
+
+
+def test_the_best_lr_among_equal_step_counts_is_the_one_tried_first_not_the_faster_wall_clock():
+    tried_first, later = _result(1, "reached", 1.0, 80), _result(2, "reached", 1.0, 80)
+    later["wall_s"] = 0.5  # noise: the same steps at the same batch size
+    assert study_module._best([tried_first, later]) is tried_first
+    assert study_module._best([later, tried_first]) is tried_first
+    below = _result(0.5, "reached", 1.0, 80)
+    assert study_module._best([below, tried_first, later]) is tried_first
+    assert study_module._best([below, later]) is below, "0.5 and 2 are as near 1: the smaller LR"
+    assert study_module._best([later, _result(0.5, "reached", 1.0, 75)])["lr_factor"] == 0.5, "fewer steps win"
 
 
 @pytest.mark.parametrize(

@@ -46,7 +46,11 @@ class ScalarEventFile:
 
     def __init__(self, log_dir: str, suffix: str = ".scalars") -> None:
         os.makedirs(log_dir, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_file_ids)}"
+        # TensorBoard reads a run's event files in name order and keeps the points of a tag in the order read, so
+        # the names must sort in the order the files were opened: the counter is zero-padded ("...10" would sort
+        # before "...9" when two files of one process open in the same second).
+        stamp = f"{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_file_ids):06d}"
+        name = f"events.out.tfevents.{stamp}"
         self.path = os.path.join(log_dir, name + suffix)
         self._file = open(self.path, "wb")  # noqa: SIM115 (closed in close())
         self._records = RecordWriter(self._file)

@@ -187,19 +187,24 @@ class ThroughputFit:
         return self.alpha + self.beta * b
 
 
+_NEGLIGIBLE = 1e-9  # a fitted term below this fraction of the other is rounding noise
+
+
 def fit_throughput(batch_sizes: Sequence[float], step_times: Sequence[float]) -> ThroughputFit:
     """Least-squares fit of t = alpha + beta B in relative error (weights 1/t), since t spans decades.
 
-    Both coefficients are kept >= 0, as for ``fit_steps``.
+    Both coefficients are kept >= 0, as for ``fit_steps``. A term that is rounding noise is zero: the solver leaves
+    a flat t(B) with a beta of about +-1e-22, its sign up to the BLAS build, which would make B* either unbounded
+    or some 1e10; a term worth less than a billionth of the other one across the grid counts as none.
     """
     rows = torch.tensor([[1.0 / t, b / t] for b, t in zip(batch_sizes, step_times)], dtype=torch.float64)
     rhs = torch.ones(len(rows), dtype=torch.float64)
     if len(set(batch_sizes)) < 2:
         return ThroughputFit(float(sum(step_times) / len(step_times)), 0.0)
     alpha, beta = torch.linalg.lstsq(rows, rhs.unsqueeze(1)).solution.squeeze(1).tolist()
-    if beta <= 0:
+    if beta * max(batch_sizes) <= _NEGLIGIBLE * abs(alpha):
         return ThroughputFit(_one_term(rows[:, 0], rhs), 0.0)
-    if alpha <= 0:
+    if alpha <= _NEGLIGIBLE * abs(beta) * min(batch_sizes):
         return ThroughputFit(0.0, _one_term(rows[:, 1], rhs))
     return ThroughputFit(alpha, beta)
 

@@ -912,8 +912,11 @@ def _grid_ratio(factors: list[float]) -> float:
 
 
 def _best(results: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The trial that reached the target in the fewest steps; among equal steps the one tried first (factor nearest
+    1, the sweep's order), which a later trial at the same step count cannot beat. Not the shorter wall time: at one
+    batch size and step count that differs only by the machine's noise, and the answer must not."""
     reached = [r for r in results if r["status"] == "reached"]
-    return min(reached, key=lambda r: (r["steps"], r["wall_s"])) if reached else None
+    return min(reached, key=lambda r: (r["steps"], abs(math.log(r["lr_factor"])), r["lr_factor"])) if reached else None
 
 
 def _extend_direction(results: list[dict[str, Any]]) -> Optional[str]:

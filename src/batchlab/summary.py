@@ -55,6 +55,23 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _newest_checkpoint(callback: Any) -> Optional[Path]:
+    """The newest checkpoint in ``callback``'s folder, or None.
+
+    Newest by modification time, and among equal times the one the callback saved last (ModelCheckpoint's
+    ``_last_checkpoint_saved``, private in Lightning 2.6): many file systems stamp files with a clock that ticks
+    every few milliseconds (or seconds), so a signal soon after an epoch's checkpoint leaves two with the same
+    time, and their names do not sort by step (``epoch=10-...`` before ``epoch=9-...``).
+    """
+    folder = getattr(callback, "dirpath", None)
+    if folder is None or not Path(folder).is_dir():
+        return None
+    last = getattr(callback, "_last_checkpoint_saved", None)
+    last_name = Path(last).name if last else None
+    saved = sorted(Path(folder).glob("*.ckpt"), key=lambda p: (p.stat().st_mtime_ns, p.name == last_name, p.name))
+    return saved[-1] if saved else None
+
+
 def global_seed() -> Optional[int]:
     """The seed ``seed_everything`` (``--seed_everything``) set for this process, if any."""
     value = os.environ.get("PL_GLOBAL_SEED")
@@ -224,11 +241,9 @@ class RunSummary(Callback):
         if s is None or not s.get("interrupted"):
             return None
         s["checkpoint"], s["checkpoint_step"] = None, None
-        folder = getattr(trainer.checkpoint_callback, "dirpath", None)
-        if folder is not None and Path(folder).is_dir():
-            saved = sorted(Path(folder).glob("*.ckpt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
-            if saved:
-                s["checkpoint"], s["checkpoint_step"] = str(saved[-1]), self._saved_step
+        newest = _newest_checkpoint(trainer.checkpoint_callback)
+        if newest is not None:
+            s["checkpoint"], s["checkpoint_step"] = str(newest), self._saved_step
         if s["log_dir"] is not None:
             s["summary_path"] = str(write_json(Path(s["log_dir"]) / self.filename, s))
         return s
