@@ -144,7 +144,8 @@ def test_a_quick_study_under_ddp_gives_one_devices_noise_estimate_of_the_global_
     assert quick["b_simple_ranks"] == gns["b_simple_ranks"] and math.isfinite(gns["b_simple_ranks"])
 
 
-def test_a_study_under_ddp_trains_global_batches_and_a_rerun_repeats_nothing(tmp_path):
+def test_a_study_under_ddp_trains_global_batches(tmp_path):
+    """(That a rerun under DDP repeats nothing is tested with the interrupted study, below.)"""
     args = [*STUDY_TINY, "--grid", "[8, 64]", "--lr_factors", "[1]", "--out", "ddp", *DDP]
     proc = _ok(run_command(tmp_path, *args))
     assert proc.stdout.count("batchlab study\n") == 1
@@ -157,11 +158,7 @@ def test_a_study_under_ddp_trains_global_batches_and_a_rerun_repeats_nothing(tmp
     for row in rows:
         if row["status"] == "reached":  # B is global: B / 2 per rank on each of 2 ranks, every step
             assert int(row["samples"]) == int(row["steps"]) * int(row["batch_size"])
-    measured = {p: p.read_bytes() for p in root.rglob("*.json") if p.parent.name in ("trials", "throughput")}
-    measured[root / "gns.json"] = (root / "gns.json").read_bytes()
-    again = _ok(run_command(tmp_path, *args))
-    assert {p: p.read_bytes() for p in measured} == measured, "a rerun measures nothing again"
-    assert f"Recommended batch size: {summary['recommended_batch_size']} " in again.stdout
+    assert f"Recommended batch size: {summary['recommended_batch_size']} " in proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
 
 

@@ -114,18 +114,20 @@ def test_an_interrupted_study_keeps_finished_trials_and_runs_only_the_rest(batch
 
 
 def test_a_folder_made_with_another_config_is_refused_and_kept(batchlab, tmp_path):
-    assert batchlab(*TINY).code == 0
+    # Quick studies: their measurements (noise scale, throughput) belong to the configuration as a full study's do.
+    assert batchlab(*TINY, "--quick").code == 0
     before = _files(tmp_path / "study")
     changed = [a if a != "1.5" else "1.4" for a in TINY]
-    result = batchlab(*changed)
-    assert result.code == 2
-    last = result.err.strip().splitlines()[-1]
-    assert "different configuration (changed: study.target)" in last and "--fresh" in last
-    assert _files(tmp_path / "study") == before
-    result = batchlab(*changed, "--fresh")
+    for args in (changed, [*changed, "--quick"]):
+        result = batchlab(*args)
+        assert result.code == 2
+        last = result.err.strip().splitlines()[-1]
+        assert "different configuration (changed: study.target)" in last and "--fresh" in last
+        assert _files(tmp_path / "study") == before
+    result = batchlab(*changed, "--fresh", "--quick")
     assert result.code == 0, result.err
     assert _files(tmp_path / "study") == before
-    assert json.loads((tmp_path / "study-2" / "summary.json").read_text())["target"] == 1.4
+    assert json.loads((tmp_path / "study-2" / "quick.json").read_text())["target"] == 1.4
 
 
 def test_a_diverging_learning_rate_is_recorded_not_a_crash(batchlab, tmp_path):
