@@ -1,7 +1,8 @@
 """A fit stopped by a real SIGINT (Ctrl+C) or SIGTERM, sent to ``batchlab fit`` running as a subprocess: it stops
 without a traceback, says in one line where its checkpoint is, exits with the shell's status for the signal,
 writes a summary marked interrupted, and ``--ckpt_path`` resumes from the saved step to the end. Under DDP, Ctrl+C
-stops every rank and the run resumes from its last epoch's checkpoint."""
+(every rank) or a SIGTERM to the first process alone stops every rank after the same step (``batchlab.stopping``),
+and the run resumes from that step."""
 
 import contextlib
 import os
@@ -15,10 +16,12 @@ import torch
 from conftest import QUIET, SEED, command, command_env, load_summary, run_command, run_dirs, scalars, snapshot
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from batchlab.cli import make_cli
 from batchlab.data import ToyRegressionData
 from batchlab.model import MLPRegressor
+from batchlab.stopping import StopTogether
 from batchlab.summary import RunSummary
 
 DATA = ["--data.n_samples", "512", "--data.batch_size", "32"]
@@ -96,28 +99,34 @@ def test_a_signal_stops_a_fit_cleanly_and_its_checkpoint_resumes_to_the_end(batc
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_a_ddp_fit_cleanly_and_it_resumes_from_the_last_epoch(tmp_path):
+@pytest.mark.parametrize(("signum", "group"), [(signal.SIGINT, True), (signal.SIGTERM, False)],
+                         ids=["Ctrl+C to every rank", "SIGTERM to rank 0 alone"])
+def test_a_signal_stops_every_rank_of_a_ddp_fit_at_one_step_and_it_resumes_from_there(tmp_path, signum, group):
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
     per_epoch = STEPS_PER_EPOCH // 2  # each rank takes half of every epoch
-    code, out, err = _interrupt_a_fit(tmp_path, signal.SIGINT, *ddp, group=True)
+    code, out, err = _interrupt_a_fit(tmp_path, signum, *ddp, group=group)
+    name = signal.Signals(signum).name
 
-    assert code == 130, err[-3000:]
+    assert code == 128 + signum, err[-3000:]
     assert "Traceback" not in err + out
     (first,) = run_dirs(tmp_path)
     summary = load_summary(first)
-    assert summary["interrupted"] is True and summary["stopped_by"] == "SIGINT"
-    assert summary["checkpoint_step"] % per_epoch == 0 and 0 < summary["checkpoint_step"] <= summary["steps"]
-    assert err.strip().splitlines()[-1].endswith(
-        f"; resume from step {summary['checkpoint_step']} with --ckpt_path {summary['checkpoint']}")
+    assert summary["interrupted"] is True and summary["stopped_by"] == name
+    # The ranks agreed on the step, so the checkpoint is of the step reached, past the first epoch.
+    assert summary["checkpoint_step"] == summary["steps"] > per_epoch
+    assert err.strip().splitlines()[-1] == (
+        f"batchlab: interrupted by {name} at epoch {summary['epochs']}, step {summary['steps']}; "
+        f"resume from step {summary['steps']} with --ckpt_path {summary['checkpoint']}")
     assert out.count("batchlab fit summary") == 1
+    assert torch.load(tmp_path / summary["checkpoint"], weights_only=False)["global_step"] == summary["steps"]
 
-    end = summary["checkpoint_step"] // per_epoch + 2
+    end = summary["steps"] // per_epoch + 2
     proc = run_command(tmp_path, "fit", "-c", SEED, *QUIET, *DATA, *ddp, "--trainer.max_epochs", str(end),
                        "--ckpt_path", summary["checkpoint"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, resumed = run_dirs(tmp_path)
     assert load_summary(resumed)["steps"] == end * per_epoch
-    assert len(scalars(resumed)["train/loss"]) == 2 * per_epoch
+    assert len(scalars(resumed)["train/loss"]) == end * per_epoch - summary["steps"]
 
 
 class _InterruptAt(Callback):
@@ -160,5 +169,26 @@ def test_only_batchlabs_own_checkpoint_saves_on_interruption_and_only_on_one_dev
     assert checkpoint().save_on_exception is True
     configured = checkpoint("--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.filename=mine")
     assert configured.filename == "mine" and configured.save_on_exception is False
-    ddp = checkpoint("--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu")
-    assert ddp.save_on_exception is False
+    trainer = make_cli(["-c", SEED, *QUIET, "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                        "--trainer.accelerator", "cpu"], run=False).trainer
+    # Under DDP it saves only once StopTogether has stopped every rank at one step, not on any rank's error.
+    assert trainer.checkpoint_callback.save_on_exception is False
+    (together,) = [c for c in trainer.callbacks if isinstance(c, StopTogether)]
+    assert together.checkpoints == [trainer.checkpoint_callback]
+
+
+def test_stop_together_raises_what_lightning_raises_for_the_signal_and_only_then_saves():
+    """The agreement itself is collective (tested under DDP above); on one process the ranks' answer is this one's."""
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    checkpoint = ModelCheckpoint(save_on_exception=False)
+    together = StopTogether(checkpoints=[checkpoint])
+    together.on_train_batch_end(trainer, None)  # no signal: nothing happens
+    assert checkpoint.save_on_exception is False
+    together.handle(signal.SIGTERM, None)
+    with pytest.raises(SIGTERMException):
+        together.on_train_batch_end(trainer, None)
+    assert checkpoint.save_on_exception is True
+    ctrl_c = StopTogether()
+    ctrl_c.handle(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):
+        ctrl_c.on_train_batch_end(trainer, None)

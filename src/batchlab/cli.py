@@ -32,6 +32,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from batchlab.errors import ConfigError, RunInterrupted, signal_of
 from batchlab.preflight import check_checkpoint, check_config_files, check_run
+from batchlab.stopping import StopTogether, noting_signals
 from batchlab.summary import PredictionPrinter, RunSummary, format_summary, global_seed
 from batchlab.tune import BatchSizeSearch, check_not_distributed, format_tune, run_tune, write_tune
 
@@ -58,9 +59,14 @@ class BatchlabTrainer(Trainer):
     def fit(self, *args: Any, **kwargs: Any) -> None:
         """Lightning's fit. When a signal stops it, Lightning has already run every ``on_exception`` hook (the
         checkpoint callback saved) and ends with ``SystemExit``: ``sys.exit(1)`` after Ctrl+C, ``SIGTERMException``
-        (exit status 0) after SIGTERM. This writes the run's summary and turns both into ``RunInterrupted``."""
+        (exit status 0) after SIGTERM. This writes the run's summary and turns both into ``RunInterrupted``.
+
+        Under DDP, ``StopTogether`` takes the signals from here on (``batchlab.stopping``): by default one that
+        came while Lightning starts the other processes would kill this one and leave them waiting for ever."""
+        together = next((c for c in self.callbacks if isinstance(c, StopTogether)), None)
         try:
-            super().fit(*args, **kwargs)
+            with noting_signals(together.handle if together else None):
+                super().fit(*args, **kwargs)
         except BaseException as exc:
             if not self.interrupted:
                 raise
@@ -203,13 +209,14 @@ class BatchlabCLI(LightningCLI):
         except ValueError as err:  # the Trainer's own refusals (an unknown accelerator or strategy, num_nodes=0)
             raise ConfigError(str(err)) from err
         # Lightning adds a ModelCheckpoint when none is configured; batchlab's also saves when a fit is interrupted,
-        # so that Ctrl+C or SIGTERM leaves a checkpoint of the step reached. Not across several processes: that
-        # save waits for every rank, and ranks stopped by a signal are at different points, so it would hang
-        # (Lightning issue #20806); an interrupted DDP run resumes from its last epoch's checkpoint instead.
-        # A configured ModelCheckpoint keeps its own settings.
-        for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint) and id(callback) not in configured:
-                callback.save_on_exception = trainer.world_size == 1
+        # so that Ctrl+C or SIGTERM leaves a checkpoint of the step reached. Across several processes only when
+        # StopTogether has stopped every rank at the same step: that save waits for every rank, so after an error
+        # on one rank it would hang. A configured ModelCheckpoint keeps its own settings.
+        own = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and id(c) not in configured]
+        for callback in own:
+            callback.save_on_exception = trainer.world_size == 1
+        if trainer.world_size > 1:
+            trainer.callbacks.append(StopTogether(checkpoints=own))
         return trainer
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:

@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import signal
-import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -55,6 +54,7 @@ from tqdm.auto import tqdm
 
 from batchlab import scaling
 from batchlab.errors import ConfigError, RunInterrupted, check, signal_of
+from batchlab.stopping import StopTogether, noting_signals
 from batchlab.summary import device_name, write_atomically
 
 # Trainer arguments a study sets itself for each of its runs; every other one (accelerator, devices, precision,
@@ -310,38 +310,20 @@ class CurveRecorder(Callback):
                            "seconds": time.perf_counter() - self._start, "value": float(value)})
 
 
-class StopTogether(Callback):
-    """Under DDP: a signal to any rank stops every rank after the same step. Ranks that stopped at different steps
-    would wait for ever on each other's collectives, and a terminal's Ctrl+C reaches all ranks, a scheduler's
-    SIGTERM perhaps only one.
-
-    It also keeps SIGTERM from Lightning's own handler, which runs a collective inside the signal handler, out of
-    step with the other ranks, and hangs (Lightning issue #20806). Lightning installs it after ``on_fit_start``
-    and no hook runs between that and ``on_train_start``: SIGTERM is held (blocked, so kept pending) from the one
-    to the other, where the study's handler is put back and then receives it.
-    """
+class StudyStopTogether(StopTogether):
+    """``StopTogether`` for the study's fits: a signal is the study's to note (its handler covers the time between
+    fits too), and the ranks that agree on it end the fit, which the study then discards as unfinished."""
 
     def __init__(self, study: Study) -> None:
+        super().__init__()
         self.study = study
+        self.handle = study.signal_handler  # type: ignore[method-assign]
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        hold_sigterm(True)
+    def requested(self) -> bool:
+        return self.study.stop_signal is not None
 
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        handler = getattr(self.study, "signal_handler", None)
-        if handler is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, handler)  # Lightning restores the study's own at the end of the fit
-        hold_sigterm(False)
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        if self.study.stop_requested_anywhere():
-            trainer.should_stop = True
-
-
-def hold_sigterm(hold: bool) -> None:
-    """Block SIGTERM (it stays pending) or unblock it (a pending one is delivered now), where the OS allows."""
-    if hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread():
-        signal.pthread_sigmask(signal.SIG_BLOCK if hold else signal.SIG_UNBLOCK, {signal.SIGTERM})
+    def stop(self, trainer: Trainer, signame: str) -> None:
+        trainer.should_stop = True
 
 
 class Snapshots(Callback):
@@ -495,7 +477,7 @@ class Study:
         seed_everything(self.settings.seed, verbose=False)
         self._check_stop()
         if self.world_size > 1:
-            callbacks = [*callbacks, StopTogether(self)]
+            callbacks = [*callbacks, StudyStopTogether(self)]
         with quiet_lightning():
             trainer = self._active = self._trainer(callbacks, max_steps, validate_every)
             try:
@@ -507,7 +489,6 @@ class Study:
                 self._stop = signame
             finally:
                 self._active = None
-                hold_sigterm(False)  # should the fit have failed between StopTogether's two hooks
         self._check_stop()  # a fit cut short by a signal is not a measurement
         return model, trainer
 
@@ -517,9 +498,6 @@ class Study:
         recorded, and ``RunInterrupted`` says how to resume."""
         self._stop: Optional[str] = None
         self._active: Optional[Trainer] = None
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
 
         def handler(signum: int, frame: Any) -> None:
             self._stop = signal.Signals(signum).name
@@ -527,12 +505,8 @@ class Study:
                 self._active.should_stop = True
 
         self.signal_handler = handler
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with noting_signals(handler):
             yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
 
     def _check_stop(self) -> None:
         """Raise ``RunInterrupted`` once a signal came. Under DDP every rank calls this at the same points, so the
@@ -549,9 +523,14 @@ class Study:
                        "the same command to resume")
             raise RunInterrupted(self._stop, message if self.is_global_zero else None)
 
+    @property
+    def stop_signal(self) -> Optional[str]:
+        """The signal this rank had, if any."""
+        return getattr(self, "_stop", None)
+
     def stop_requested_anywhere(self) -> bool:
         """Whether any rank has had a signal (a collective: every rank must ask at the same point)."""
-        return self.strategy.reduce_boolean_decision(getattr(self, "_stop", None) is not None, all=False)
+        return self.strategy.reduce_boolean_decision(self.stop_signal is not None, all=False)
 
     def centre_lr(self, batch_size: int) -> float:
         ratio = batch_size / self.base_batch_size
@@ -823,11 +802,7 @@ class Study:
         with quiet_lightning():
             trainer = self._trainer([], max_steps=1, validate_every=1)
             trainer.limit_val_batches = 1
-            hold_sigterm(self.world_size > 1)  # see StopTogether: the next fit's checks act on a SIGTERM held here
-            try:
-                trainer.validate(model, datamodule=data, verbose=False)
-            finally:
-                hold_sigterm(False)
+            trainer.validate(model, datamodule=data, verbose=False)
         if self.settings.monitor not in trainer.callback_metrics:
             logged = sorted(trainer.callback_metrics) or "nothing (is there a validation split?)"
             raise ConfigError(f"the model does not log monitor={self.settings.monitor!r} in validation; "
