@@ -78,6 +78,44 @@ def test_a_fit_that_stops_early_still_writes_every_buffered_loss(tmp_path):
     assert [s for s, _ in tags["train/loss_vs_samples"]] == [4 * k for k in range(1, 8)]
 
 
+def test_on_the_cpu_each_loss_point_reaches_the_loggers_in_its_own_step(tmp_path):
+    """No loss tensors are held back on the CPU, whatever ``log_buffer`` says (see ``RunSummary``)."""
+    from lightning.pytorch import Callback
+    from lightning.pytorch.loggers import Logger
+
+    from batchlab.summary import RunSummary
+
+    class Recorder(Logger):
+        name, version = "recorder", 0
+
+        def __init__(self):
+            super().__init__()
+            self.steps = []
+
+        def log_metrics(self, metrics, step=None):
+            if "train/loss_vs_samples" in metrics:
+                self.steps.append(step)
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+    class Check(Callback):
+        written = []
+
+        def on_train_batch_end(self, trainer, *args):
+            self.written.append(len(trainer.logger.steps))
+
+    logger = Recorder()
+    trainer = Trainer(
+        max_steps=5, logger=logger, log_every_n_steps=1, callbacks=[RunSummary(verbose=False, log_buffer=64), Check()],
+        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False, accelerator="cpu",
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(MLPRegressor(lean_step=True), ToyRegressionData(n_samples=40, batch_size=4))
+    assert Check.written == [1, 2, 3, 4, 5]
+    assert logger.steps == [4, 8, 12, 16, 20]
+
+
 def test_compiled_network_trains_like_the_eager_one():
     """``compile`` on the CPU (inductor); on a GPU the same flag with ``reduce-overhead`` adds CUDA graphs."""
     x, y = make_synthetic(64)
