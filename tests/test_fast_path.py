@@ -116,6 +116,96 @@ def test_on_the_cpu_each_loss_point_reaches_the_loggers_in_its_own_step(tmp_path
     assert logger.steps == [4, 8, 12, 16, 20]
 
 
+def _lean_fit(tmp_path, callbacks, steps=6):
+    from batchlab.summary import RunSummary
+
+    tmp_path.mkdir(exist_ok=True)
+    torch.manual_seed(0)
+    summary = RunSummary(verbose=False)
+    trainer = Trainer(
+        max_steps=steps, logger=False, callbacks=[summary, *callbacks], enable_progress_bar=False,
+        enable_checkpointing=False, enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path,
+    )  # fmt: skip
+    model = MLPRegressor(lean_step=True)
+    trainer.fit(model, ToyRegressionData(n_samples=24, batch_size=4))
+    return trainer, model
+
+
+def test_lean_step_without_listeners_skips_lightnings_backward_and_step_wrappers_and_counts_steps(tmp_path, monkeypatch):
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    calls = []
+    for name in ("backward", "optimizer_step"):
+        original = getattr(SingleDeviceStrategy, name)
+        monkeypatch.setattr(
+            SingleDeviceStrategy, name, lambda self, *a, _o=original, _n=name, **k: (calls.append(_n), _o(self, *a, **k))[1]
+        )
+    trainer, model = _lean_fit(tmp_path, [])
+    assert calls == []
+    assert trainer.global_step == 6 and model._hookless is False, "the shortcut holds for one fit only"
+
+
+def test_lean_step_still_calls_overridden_backward_and_step_hooks_and_trains_the_same(tmp_path):
+    from lightning.pytorch import Callback
+
+    class Hooks(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_before_backward(self, trainer, module, loss):
+            self.seen.append("before_backward")
+
+        def on_after_backward(self, trainer, module):
+            grads = [p.grad for p in module.parameters()]
+            self.seen.append("after_backward" if all(g is not None for g in grads) else "no grads")
+
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            self.seen.append("before_step")
+
+    hooks = Hooks()
+    trainer, hooked = _lean_fit(tmp_path / "hooked", [hooks])
+    _, plain = _lean_fit(tmp_path / "plain", [])
+    assert hooks.seen == ["before_backward", "after_backward", "before_step"] * 6
+    assert trainer.global_step == 6
+    assert all(torch.equal(a, b) for a, b in zip(hooked.state_dict().values(), plain.state_dict().values()))
+
+
+def test_training_step_signature_is_the_real_one_and_a_subclass_keeps_its_own():
+    import inspect
+
+    from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+
+    class OneArgument(MLPRegressor):
+        def training_step(self, batch):
+            return super().training_step(batch, 0)
+
+    assert inspect.getfullargspec(MLPRegressor().training_step).args == ["self", "batch", "batch_idx"]
+    assert is_param_in_hook_signature(MLPRegressor().training_step, "batch_idx", min_args=2)
+    assert not is_param_in_hook_signature(OneArgument().training_step, "batch_idx", min_args=2)
+
+
+def test_no_profiler_profiles_nothing_and_a_fit_with_it_trains_the_same(tmp_path):
+    from batchlab.profiler import NoProfiler
+
+    profiler = NoProfiler()
+    with profiler.profile("anything") as entered:
+        assert entered is None
+    with pytest.raises(KeyError):
+        with profiler.profile("anything"):
+            raise KeyError("errors pass through")
+    assert profiler.summary() == ""
+    models = []
+    for profiler in (None, NoProfiler()):
+        torch.manual_seed(0)
+        trainer = Trainer(
+            max_epochs=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+            enable_model_summary=False, accelerator="cpu", profiler=profiler, default_root_dir=tmp_path,
+        )  # fmt: skip
+        models.append(MLPRegressor(lean_step=True))
+        trainer.fit(models[-1], ToyRegressionData(n_samples=16, batch_size=4))
+    assert all(torch.equal(a, b) for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()))
+
+
 def test_compiled_network_trains_like_the_eager_one():
     """``compile`` on the CPU (inductor); on a GPU the same flag with ``reduce-overhead`` adds CUDA graphs."""
     x, y = make_synthetic(64)
