@@ -255,6 +255,25 @@ def test_three_tensor_batches_match_the_two_tensor_fast_path():
         assert torch.equal(x[w3.squeeze(1).long()], x3), "the third tensor is gathered with the same rows"
 
 
+def test_large_data_gathered_from_one_packed_copy_gives_the_same_batches(monkeypatch):
+    from batchlab import data
+
+    x, y = make_synthetic(101)
+    w = torch.arange(101.0).unsqueeze(1)
+    for tensors in ((x, y), (x, y, w), (x, y.squeeze(1))):
+        runs = []
+        for threshold in (1 << 60, 0):  # never packed, always packed where it applies
+            monkeypatch.setattr(data, "PACK_MIN_BYTES", threshold)
+            torch.manual_seed(7)
+            batches = TensorBatches(tensors, 16, shuffle=True)
+            runs.append(([b for _ in range(2) for b in batches], torch.get_rng_state(), batches._rows is not None))
+        (plain, plain_rng, _), (packed, packed_rng, was_packed) = runs
+        assert was_packed == (tensors[-1].dim() == 2), "only 2-D tensors of one dtype are packed"
+        assert torch.equal(plain_rng, packed_rng) and len(plain) == len(packed) == 14
+        for a, b in zip(plain, packed):
+            assert all(torch.equal(s, t) and s.shape == t.shape and t.is_contiguous() for s, t in zip(a, b))
+
+
 def test_synthetic_data_is_the_documented_formula():
     g = torch.Generator().manual_seed(4)
     x = torch.rand(500, 3, generator=g) * (5.0 - -2.0) + -2.0
