@@ -134,6 +134,7 @@ class RunSummary(Callback):
         self._fit_start: Optional[float] = None
         self._saved_step: Optional[int] = None  # the global step of the latest checkpoint saved
         self._pending: list[tuple[int, int, int, torch.Tensor]] = []
+        self._world_size = 1  # the trainer's, from on_train_start
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._fit_start = None  # set once the fit starts: an exception before then has nothing to summarise
@@ -153,13 +154,14 @@ class RunSummary(Callback):
         self._start_step = trainer.global_step
         self._start_samples = self.samples_seen
         self._log_loss_too = not getattr(pl_module, "logs_train_loss", True)
+        self._world_size = trainer.world_size  # fixed for the fit; a property chain per step otherwise
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         first = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
         rows = len(first) if isinstance(first, torch.Tensor) and first.dim() else extract_batch_size(batch)
-        self.samples_seen += rows * trainer.world_size
+        self.samples_seen += rows * self._world_size
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             self._last_loss = loss.detach()
@@ -180,7 +182,7 @@ class RunSummary(Callback):
             return
         pending, self._pending = self._pending, []
         if len(pending) == 1:
-            values = [pending[0][3].float().item()]
+            values = [float(pending[0][3].item())]
         else:
             values = torch.stack([p[3].reshape(()) for p in pending]).float().tolist()  # one device sync per group
         for logger in trainer.loggers:
