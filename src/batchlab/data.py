@@ -97,7 +97,8 @@ class TensorBatches:
 
     Written here because no library does this: DataLoader indexes one sample at a time (or one Python list of
     ints per batch with ``__getitems__``), which costs more than the model at the seed's sizes. Yields tuples of
-    tensors on the tensors' own device. Lightning accepts any sized iterable as a dataloader.
+    tensors on the tensors' own device. Lightning accepts any sized iterable as a dataloader. Shuffled CPU data above
+    ``PACK_MIN_BYTES`` is gathered from one packed copy of the tensors (``_row_store``): the same batches, faster.
 
     Args:
         tensors: Same-length tensors; each batch holds the same rows of every one.
