@@ -190,3 +190,20 @@ def test_the_installed_command_exits_2_without_a_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("batchlab: error: batch_size=0 is not allowed")
     assert "Traceback" not in proc.stderr
+
+
+def test_trainers_training_flag_answers_as_lightnings_for_every_stage():
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.trainer.states import RunningStage
+
+    from batchlab.cli import BatchlabTrainer
+
+    ours = BatchlabTrainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
+    theirs = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
+    for stage in [None, *RunningStage, "train", "TRAIN", "validate"]:
+        ours.state.stage = theirs.state.stage = stage
+        assert ours.training == theirs.training, stage
+    for value in (True, False):
+        ours.state.stage = theirs.state.stage = RunningStage.TRAINING
+        ours.training = theirs.training = value
+        assert ours.state.stage == theirs.state.stage and ours.training is value

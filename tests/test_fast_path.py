@@ -78,6 +78,134 @@ def test_a_fit_that_stops_early_still_writes_every_buffered_loss(tmp_path):
     assert [s for s, _ in tags["train/loss_vs_samples"]] == [4 * k for k in range(1, 8)]
 
 
+def test_on_the_cpu_each_loss_point_reaches_the_loggers_in_its_own_step(tmp_path):
+    """No loss tensors are held back on the CPU, whatever ``log_buffer`` says (see ``RunSummary``)."""
+    from lightning.pytorch import Callback
+    from lightning.pytorch.loggers import Logger
+
+    from batchlab.summary import RunSummary
+
+    class Recorder(Logger):
+        name, version = "recorder", 0
+
+        def __init__(self):
+            super().__init__()
+            self.steps = []
+
+        def log_metrics(self, metrics, step=None):
+            if "train/loss_vs_samples" in metrics:
+                self.steps.append(step)
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+    class Check(Callback):
+        written = []
+
+        def on_train_batch_end(self, trainer, *args):
+            self.written.append(len(trainer.logger.steps))
+
+    logger = Recorder()
+    trainer = Trainer(
+        max_steps=5, logger=logger, log_every_n_steps=1, callbacks=[RunSummary(verbose=False, log_buffer=64), Check()],
+        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False, accelerator="cpu",
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(MLPRegressor(lean_step=True), ToyRegressionData(n_samples=40, batch_size=4))
+    assert Check.written == [1, 2, 3, 4, 5]
+    assert logger.steps == [4, 8, 12, 16, 20]
+
+
+def _lean_fit(tmp_path, callbacks, steps=6):
+    from batchlab.summary import RunSummary
+
+    tmp_path.mkdir(exist_ok=True)
+    torch.manual_seed(0)
+    summary = RunSummary(verbose=False)
+    trainer = Trainer(
+        max_steps=steps, logger=False, callbacks=[summary, *callbacks], enable_progress_bar=False,
+        enable_checkpointing=False, enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path,
+    )  # fmt: skip
+    model = MLPRegressor(lean_step=True)
+    trainer.fit(model, ToyRegressionData(n_samples=24, batch_size=4))
+    return trainer, model
+
+
+def test_lean_step_without_listeners_skips_lightnings_backward_and_step_wrappers_and_counts_steps(tmp_path, monkeypatch):
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    calls = []
+    for name in ("backward", "optimizer_step"):
+        original = getattr(SingleDeviceStrategy, name)
+        monkeypatch.setattr(
+            SingleDeviceStrategy, name, lambda self, *a, _o=original, _n=name, **k: (calls.append(_n), _o(self, *a, **k))[1]
+        )
+    trainer, model = _lean_fit(tmp_path, [])
+    assert calls == []
+    assert trainer.global_step == 6 and model._hookless is False, "the shortcut holds for one fit only"
+
+
+def test_lean_step_still_calls_overridden_backward_and_step_hooks_and_trains_the_same(tmp_path):
+    from lightning.pytorch import Callback
+
+    class Hooks(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_before_backward(self, trainer, module, loss):
+            self.seen.append("before_backward")
+
+        def on_after_backward(self, trainer, module):
+            grads = [p.grad for p in module.parameters()]
+            self.seen.append("after_backward" if all(g is not None for g in grads) else "no grads")
+
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            self.seen.append("before_step")
+
+    hooks = Hooks()
+    trainer, hooked = _lean_fit(tmp_path / "hooked", [hooks])
+    _, plain = _lean_fit(tmp_path / "plain", [])
+    assert hooks.seen == ["before_backward", "after_backward", "before_step"] * 6
+    assert trainer.global_step == 6
+    assert all(torch.equal(a, b) for a, b in zip(hooked.state_dict().values(), plain.state_dict().values()))
+
+
+def test_training_step_signature_is_the_real_one_and_a_subclass_keeps_its_own():
+    import inspect
+
+    from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+
+    class OneArgument(MLPRegressor):
+        def training_step(self, batch):
+            return super().training_step(batch, 0)
+
+    assert inspect.getfullargspec(MLPRegressor().training_step).args == ["self", "batch", "batch_idx"]
+    assert is_param_in_hook_signature(MLPRegressor().training_step, "batch_idx", min_args=2)
+    assert not is_param_in_hook_signature(OneArgument().training_step, "batch_idx", min_args=2)
+
+
+def test_no_profiler_profiles_nothing_and_a_fit_with_it_trains_the_same(tmp_path):
+    from batchlab.profiler import NoProfiler
+
+    profiler = NoProfiler()
+    with profiler.profile("anything") as entered:
+        assert entered is None
+    with pytest.raises(KeyError):
+        with profiler.profile("anything"):
+            raise KeyError("errors pass through")
+    assert profiler.summary() == ""
+    models = []
+    for profiler in (None, NoProfiler()):
+        torch.manual_seed(0)
+        trainer = Trainer(
+            max_epochs=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+            enable_model_summary=False, accelerator="cpu", profiler=profiler, default_root_dir=tmp_path,
+        )  # fmt: skip
+        models.append(MLPRegressor(lean_step=True))
+        trainer.fit(models[-1], ToyRegressionData(n_samples=16, batch_size=4))
+    assert all(torch.equal(a, b) for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()))
+
+
 def test_compiled_network_trains_like_the_eager_one():
     """``compile`` on the CPU (inductor); on a GPU the same flag with ``reduce-overhead`` adds CUDA graphs."""
     x, y = make_synthetic(64)
@@ -125,6 +253,25 @@ def test_three_tensor_batches_match_the_two_tensor_fast_path():
     for (x2, y2), (x3, y3, w3) in zip(two, three):
         assert torch.equal(x2, x3) and torch.equal(y2, y3)
         assert torch.equal(x[w3.squeeze(1).long()], x3), "the third tensor is gathered with the same rows"
+
+
+def test_large_data_gathered_from_one_packed_copy_gives_the_same_batches(monkeypatch):
+    from batchlab import data
+
+    x, y = make_synthetic(101)
+    w = torch.arange(101.0).unsqueeze(1)
+    for tensors in ((x, y), (x, y, w), (x, y.squeeze(1))):
+        runs = []
+        for threshold in (1 << 60, 0):  # never packed, always packed where it applies
+            monkeypatch.setattr(data, "PACK_MIN_BYTES", threshold)
+            torch.manual_seed(7)
+            batches = TensorBatches(tensors, 16, shuffle=True)
+            runs.append(([b for _ in range(2) for b in batches], torch.get_rng_state(), batches._rows is not None))
+        (plain, plain_rng, _), (packed, packed_rng, was_packed) = runs
+        assert was_packed == (tensors[-1].dim() == 2), "only 2-D tensors of one dtype are packed"
+        assert torch.equal(plain_rng, packed_rng) and len(plain) == len(packed) == 14
+        for a, b in zip(plain, packed):
+            assert all(torch.equal(s, t) and s.shape == t.shape and t.is_contiguous() for s, t in zip(a, b))
 
 
 def test_synthetic_data_is_the_documented_formula():

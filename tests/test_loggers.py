@@ -91,3 +91,44 @@ def test_values_that_are_not_scalars_get_lightnings_error(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="run")
     with pytest.raises(ValueError, match="not supported"):
         logger.log_metrics({"text": "hello"}, step=0)
+
+
+@pytest.mark.parametrize(
+    "values, step, wall_time",
+    [
+        ({"train/loss": 0.5, "epoch": 0.0}, 0, 1_700_000_000.25),
+        ({"train/loss_vs_samples": -1.5e-7}, 2**40 + 3, 1.0),
+        ({"a": float("inf"), "b": float("-inf"), "c": 1e39, "d": -1e39, "e": -0.0}, 127, 2.5),
+        ({"déjà/vu": 3.0, "x" * 200: 1.0}, -1, 0.0),
+        ({}, 128, -0.0),
+    ],
+)
+def test_scalar_events_are_the_bytes_protobuf_writes(values, step, wall_time):
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    from batchlab.loggers import scalar_event
+
+    summary = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in values.items()])
+    assert scalar_event(values, step, wall_time) == Event(wall_time=wall_time, step=step, summary=summary).SerializeToString()
+
+
+def test_record_checksums_match_tensorboards():
+    import random
+
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference
+
+    from batchlab.loggers import masked_crc32c
+
+    rng = random.Random(0)
+    for n in [0, 1, 7, 8, 9, 15, 16, 47, 100, 1001]:
+        data = bytes(rng.randrange(256) for _ in range(n))
+        assert masked_crc32c(data) == reference(data), n
+
+
+def test_a_nan_loss_reads_back_as_nan(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="run")
+    logger.log_metrics({"train/loss": float("nan")}, step=3)
+    logger.finalize("success")
+    ((step, value),) = scalars(logger.log_dir)["train/loss"]
+    assert step == 3 and value != value

@@ -29,6 +29,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.trainer.states import RunningStage
 
 from batchlab.errors import ConfigError, RunInterrupted, signal_of
 from batchlab.preflight import check_checkpoint, check_config_files, check_run
@@ -55,6 +56,22 @@ class BatchlabTrainer(Trainer):
         self.init_kwargs = dict(kwargs)
         self.study_config: Optional[dict[str, Any]] = None
         super().__init__(*args, **kwargs)
+
+    @property
+    def training(self) -> bool:
+        # Lightning asks this a dozen times per step (which loop is active, around hooks and logging), and its
+        # ``stage == RunningStage.TRAINING`` goes through StrEnum.__eq__ (two str.lower calls): ~5% of a seed step.
+        # The stage is a RunningStage member or None; anything else gets Lightning's comparison.
+        stage = self.state.stage
+        if stage is RunningStage.TRAINING:
+            return True
+        if stage is None or type(stage) is RunningStage:
+            return False
+        return stage == RunningStage.TRAINING
+
+    @training.setter
+    def training(self, val: bool) -> None:
+        Trainer.training.fset(self, val)  # type: ignore[attr-defined]
 
     def fit(self, *args: Any, **kwargs: Any) -> None:
         """Lightning's fit. When a signal stops it, Lightning has already run every ``on_exception`` hook (the
