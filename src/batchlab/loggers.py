@@ -11,22 +11,17 @@ while holding the GIL. On a small machine that thread ping-pong costs 50-100 us 
 
 Here the scalars of one ``log_metrics`` call become one event, written synchronously into an event file of the
 logger's own in the same run folder (TensorBoard reads every ``*tfevents*`` file of a run), and the files are
-flushed every ``flush_secs`` and at the end. A scalar event is encoded directly (``scalar_event``, the bytes protobuf
-would write, 8 us -> 2 us) and framed with a table-driven CRC32C (``masked_crc32c``: tensorboard's pure-Python one
-takes 13 us for a 47-byte event, this one 4 us); at the seed's two events per step that was a twentieth of a step. Everything else (hyperparameters, graphs, whatever a user writes to
+flushed every ``flush_secs`` and at the end. Everything else (hyperparameters, graphs, whatever a user writes to
 ``logger.experiment``) still goes through the ``SummaryWriter``. Remote ``save_dir`` (``s3://...``) falls back to
 Lightning's path.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import socket
-import struct
 import time
 from collections.abc import Mapping
-from functools import lru_cache
 from itertools import count
 from typing import Any, Optional, Union
 
@@ -34,98 +29,11 @@ from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers import TensorBoardLogger as _LightningTensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.summary.writer.record_writer import RecordWriter
 from torch import Tensor
 
 _file_ids = count()
-
-# CRC32C (Castagnoli, reflected), slicing by 8: _CRC[k][b] is the CRC of byte b followed by k zero bytes.
-_CRC = [[0] * 256 for _ in range(8)]
-for _b in range(256):
-    _c = _b
-    for _ in range(8):
-        _c = (_c >> 1) ^ (0x82F63B78 if _c & 1 else 0)
-    _CRC[0][_b] = _c
-for _k in range(1, 8):
-    for _b in range(256):
-        _CRC[_k][_b] = (_CRC[_k - 1][_b] >> 8) ^ _CRC[0][_CRC[_k - 1][_b] & 0xFF]
-_C0, _C1, _C2, _C3, _C4, _C5, _C6, _C7 = _CRC
-
-
-def crc32c(data: bytes) -> int:
-    """CRC32C of ``data``, eight bytes per step of the loop."""
-    crc = 0xFFFFFFFF
-    whole = len(data) & ~7
-    for (q,) in struct.iter_unpack("<Q", data[:whole]):
-        q ^= crc
-        crc = (
-            _C7[q & 0xFF] ^ _C6[(q >> 8) & 0xFF] ^ _C5[(q >> 16) & 0xFF] ^ _C4[(q >> 24) & 0xFF]
-            ^ _C3[(q >> 32) & 0xFF] ^ _C2[(q >> 40) & 0xFF] ^ _C1[(q >> 48) & 0xFF] ^ _C0[q >> 56]
-        )  # fmt: skip
-    for b in data[whole:]:
-        crc = _C0[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-    """The masked CRC32C of a TFRecord's length and data fields (what TensorBoard's reader checks)."""
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-@lru_cache(maxsize=64)
-def _record_header(length: int) -> bytes:
-    # Events of the same tags mostly have the same length: their header is computed once.
-    header = struct.pack("<Q", length)
-    return header + struct.pack("<I", masked_crc32c(header))
-
-
-def tf_record(data: bytes) -> bytes:
-    """``data`` framed as one TFRecord: length, its masked CRC, the data, its masked CRC."""
-    return _record_header(len(data)) + data + struct.pack("<I", masked_crc32c(data))
-
-
-_SMALL_VARINTS = [bytes((n,)) for n in range(0x80)]
-
-
-def _varint(n: int) -> bytes:
-    if 0 <= n < 0x80:
-        return _SMALL_VARINTS[n]
-    n &= 0xFFFFFFFFFFFFFFFF  # a negative int64 is ten bytes of two's complement, as protobuf writes it
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-@lru_cache(maxsize=1024)
-def _value_prefix(tag: str) -> bytes:
-    """A ``Summary.value`` entry up to its float: the entry's field and length, then its tag field and the
-    float's field key (the entry's length is fixed by the tag: the float takes 4 bytes)."""
-    raw = tag.encode()
-    item = b"\x0a" + _varint(len(raw)) + raw + b"\x15"  # Summary.Value.tag (field 1), simple_value (field 2)
-    return b"\x0a" + _varint(len(item) + 4) + item  # Summary.value (field 1)
-
-
-def _float32(value: float) -> bytes:
-    try:
-        return struct.pack("<f", value)
-    except OverflowError:  # a finite double beyond float32's range: protobuf stores an infinity
-        return struct.pack("<f", math.copysign(math.inf, value))
-
-
-def scalar_event(values: Mapping[str, float], step: int, wall_time: float) -> bytes:
-    """``Event(wall_time=..., step=..., summary=Summary(value=[Summary.Value(tag=t, simple_value=v), ...]))`` as
-    protobuf serializes it, byte for byte (``tests/test_loggers.py`` compares them), without building the messages."""
-    # simple_value is a float32, written even when 0 (it is a oneof member)
-    summary = b"".join([_value_prefix(tag) + _float32(value) for tag, value in values.items()])
-    out = b""
-    if wall_time != 0 or math.copysign(1, wall_time) < 0:  # proto3 leaves out a +0.0 double
-        out = b"\x09" + struct.pack("<d", wall_time)  # Event.wall_time (field 1, double)
-    if step:  # and a zero int64
-        out += b"\x10" + _varint(step)  # Event.step (field 2)
-    return out + b"\x2a" + _varint(len(summary)) + summary  # Event.summary (field 5)
 
 
 class ScalarEventFile:
@@ -145,13 +53,18 @@ class ScalarEventFile:
         name = f"events.out.tfevents.{stamp}"
         self.path = os.path.join(log_dir, name + suffix)
         self._file = open(self.path, "wb")  # noqa: SIM115 (closed in close())
+        self._records = RecordWriter(self._file)
         # Every event file opens with its format version, as TensorBoard's own writer does.
-        self._file.write(tf_record(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString()))
+        self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
         self._file.flush()
 
     def add_scalars(self, values: Mapping[str, float], step: int, wall_time: Optional[float] = None) -> None:
         """Write ``values`` (tag -> number) as one event at ``step``."""
-        self._file.write(tf_record(scalar_event(values, step, time.time() if wall_time is None else wall_time)))
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in values.items()])
+        self._write(Event(wall_time=time.time() if wall_time is None else wall_time, step=step, summary=summary))
+
+    def _write(self, event: Event) -> None:
+        self._records.write(event.SerializeToString())
 
     def flush(self) -> None:
         self._file.flush()
@@ -197,7 +110,6 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
         )
         self.flush_secs = flush_secs
         self.metric_prefix = prefix
-        self._is_local = "://" not in str(self.root_dir)  # save_dir and name are fixed: decided once
         self._scalars: Optional[ScalarEventFile] = None
         self._last_flush = time.monotonic()
         self._hparams_file_written = False
@@ -208,18 +120,17 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
         return self._scalars.path if self._scalars is not None else None
 
     def _local(self) -> bool:
-        return self._is_local
+        return "://" not in str(self.root_dir)
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, Any], step: Optional[int] = None) -> None:
         values: dict[str, float] = {}
         rest: dict[str, Any] = {}
-        local = self._is_local
         for k, v in metrics.items():
             key = f"{self.metric_prefix}{self.LOGGER_JOIN_CHAR}{k}" if self.metric_prefix else k
             if isinstance(v, Tensor) and v.numel() == 1:
                 v = v.item()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and local:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and self._local():
                 values[key] = float(v)
             else:
                 rest[k] = v
