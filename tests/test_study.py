@@ -82,7 +82,7 @@ def test_rerunning_a_finished_study_repeats_no_measurement(batchlab, tmp_path, m
     monkeypatch.setattr(study_module.Study, "_fit", no_fit)
     result = batchlab(*TINY)
     assert result.code == 0, result.err
-    assert (tmp_path / "study" / "summary.json").read_text() == summary
+    assert json.loads((tmp_path / "study" / "summary.json").read_text()) == json.loads(summary)
     after = {k: v for k, v in _files(tmp_path / "study").items() if k.parts[0] in ("trials", "throughput")}
     assert after == measurements
 
@@ -343,3 +343,18 @@ def test_a_real_signal_stops_a_study_cleanly_and_a_rerun_repeats_no_trial(batchl
     assert rerun.code == 0, rerun.err[-2000:]
     after = {p.name: p.read_bytes() for p in trials.glob("*.json")}
     assert len(after) == 10 and all(after[name] == data for name, data in kept.items())
+
+
+def test_an_infinite_noise_scale_is_kept_as_null_and_a_resumed_study_reads_it_alike(batchlab, tmp_path, monkeypatch):
+    """Where the mean gradient is lost in the noise, B_simple is infinite: stored as null, it must give the first
+    run and a resumed one the same answer (the largest grid batch), and the report must draw without it."""
+    monkeypatch.setattr(study_module.scaling, "b_simple", lambda samples: math.inf)
+    assert batchlab(*TINY, "--quick").code == 0
+    root = tmp_path / "study"
+    first = json.loads((root / "quick.json").read_text())
+    assert first["b_simple"] is None and first["quick_b_star"] is None
+    assert first["recommended_batch_size"] == max(first["grid"])
+    gns = json.loads((root / "gns.json").read_text())
+    assert gns["points"] and all(p["b_simple"] is None for p in gns["points"])
+    assert batchlab(*TINY, "--quick").code == 0
+    assert json.loads((root / "quick.json").read_text()) == first

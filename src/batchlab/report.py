@@ -58,6 +58,11 @@ def write_report(root: Path, summary: dict[str, Any], trials: list[dict[str, Any
     return written
 
 
+def _finite(value: Any) -> bool:
+    """A finite number: measurements keep NaN and infinity as null (strict JSON)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "-"
@@ -215,7 +220,7 @@ def _plots(root: Path, summary: dict[str, Any], trials: list[dict[str, Any]], gn
             best_trials = _best_trials(s, trials)
             colours = plt.cm.viridis([i / max(1, len(best_trials) - 1) for i in range(len(best_trials))])
             for t, colour in zip(best_trials, colours):
-                curve = [p for p in t["curve"] if math.isfinite(p["value"]) and p["samples"] > 0]
+                curve = [p for p in t["curve"] if _finite(p["value"]) and p["samples"] > 0]
                 ax.plot([p["samples"] for p in curve], [p["value"] for p in curve], color=colour,
                         label=f"B={t['batch_size']}")
             ax.axhline(s["target"], color="black", ls=":", lw=1, label="target")
@@ -224,12 +229,11 @@ def _plots(root: Path, summary: dict[str, Any], trials: list[dict[str, Any]], gn
             ax.legend(fontsize=6, ncol=2)
             save(fig, "curves.png")
 
-    points = [p for p in gns["points"] if p["b_simple"] is not None and math.isfinite(p["b_simple"])
-              and p["b_simple"] > 0]
+    points = [p for p in gns["points"] if _finite(p["b_simple"]) and p["b_simple"] > 0]
     if points:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([p["step"] for p in points], [p["b_simple"] for p in points], "o", label="per point")
-        ema_points = [p for p in gns["points"] if math.isfinite(p["b_simple_ema"]) and p["b_simple_ema"] > 0]
+        ema_points = [p for p in gns["points"] if _finite(p["b_simple_ema"]) and p["b_simple_ema"] > 0]
         ax.plot([p["step"] for p in ema_points], [p["b_simple_ema"] for p in ema_points], "-", label="EMA")
         ax.axhline(gns["b_simple"], color="gray", ls=":", label=f"averaged: {_fmt(gns['b_simple'], 3)}")
         ax.set(yscale="log", xlabel="step of the reference run", ylabel="B_simple", title="Gradient noise scale")
@@ -250,7 +254,7 @@ def _tensorboard(root: Path, summary: dict[str, Any], trials: list[dict[str, Any
             continue
         logger = TensorBoardLogger(str(root), name="tensorboard", version=version, default_hp_metric=False)
         for p in t["curve"]:
-            if math.isfinite(p["value"]):
+            if _finite(p["value"]):
                 logger.log_metrics({f"{summary['monitor']}_vs_samples": p["value"]}, step=p["samples"])
                 logger.log_metrics({f"{summary['monitor']}_vs_steps": p["value"]}, step=p["step"])
         e = per_b[t["batch_size"]]

@@ -430,7 +430,8 @@ class Study:
         """The measurement stored under ``key`` in the study's folder, or ``measure()`` run now and stored."""
         cached = self._shared(self.folder.read(key) if self.is_global_zero else None)
         if cached is None:
-            cached = self._shared(measure())
+            # As stored (non-finite numbers as null), so that a resumed study computes from the same values.
+            cached = self._shared(jsonable(measure()))
             if self.is_global_zero:
                 self.folder.write(key, cached)
         return cached
@@ -921,7 +922,8 @@ def summarise(study: Study, grid: list[int], n_train: int, memory_max: Optional[
     s = study.settings
     fit_t = scaling.fit_throughput([t["batch_size"] for t in throughput], [t["step_s"] for t in throughput])
     step_s = {t["batch_size"]: t["step_s"] for t in throughput}
-    b_star_quick = scaling.optimal_batch_size(gns["b_simple"], fit_t)
+    # A null noise scale is an infinite one: the mean gradient was lost in the noise (scaling.b_simple).
+    b_star_quick = scaling.optimal_batch_size(math.inf if gns["b_simple"] is None else gns["b_simple"], fit_t)
     quick_b = scaling.nearest_in_grid(b_star_quick, grid) if not math.isnan(b_star_quick) else None
     summary: dict[str, Any] = {
         "quick": s.quick, "target": s.target, "monitor": s.monitor, "mode": s.mode, "grid": grid,
