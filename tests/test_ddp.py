@@ -123,14 +123,24 @@ def _ok(proc):
     return proc
 
 
-def test_a_quick_study_under_ddp_gives_one_devices_noise_estimate_of_the_global_batch(batchlab, tmp_path):
-    ddp = _ok(run_command(tmp_path, *STUDY_TINY, "--grid", "[8, 64, 256]", "--quick", "--out", "ddp", *DDP))
-    assert batchlab(*STUDY_TINY, "--grid", "[8, 64, 256]", "--quick", "--out", "one").code == 0  # one device
-    assert ddp.stdout.count("batchlab study (quick)") == 1 and "x 2 ranks (DDP" in ddp.stdout
+def test_a_study_under_ddp_trains_global_batches_and_estimates_the_noise_as_one_device_does(batchlab, tmp_path):
+    """(That a rerun under DDP repeats nothing is tested with the interrupted study, below.)"""
+    args = [*STUDY_TINY, "--grid", "[8, 64]", "--lr_factors", "[1]"]
+    proc = _ok(run_command(tmp_path, *args, "--out", "ddp", *DDP))
+    assert proc.stdout.count("batchlab study\n") == 1 and "x 2 ranks (DDP" in proc.stdout
+    root = tmp_path / "ddp"
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["grid"] == [2, 8, 32, 64]
+    assert summary["recommended_batch_size"] in summary["grid"]
+    assert f"Recommended batch size: {summary['recommended_batch_size']} " in proc.stdout
+    rows = list(csv.DictReader((root / "results.csv").open()))
+    assert len(rows) == 4 and any(r["status"] == "reached" for r in rows)
+    for row in rows:
+        if row["status"] == "reached":  # B is global: B / 2 per rank on each of 2 ranks, every step
+            assert int(row["samples"]) == int(row["steps"]) * int(row["batch_size"])
+
+    assert batchlab(*args, "--quick", "--out", "one").code == 0  # the noise scale on one device
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "one"], "rank 1 made no folder of its own"
-    quick = json.loads((tmp_path / "ddp" / "quick.json").read_text())
-    assert quick["world_size"] == 2 and quick["grid"] == [2, 8, 32, 64, 256]
-    assert quick["recommended_batch_size"] in quick["grid"]
     gns, alone = (json.loads((tmp_path / d / "gns.json").read_text()) for d in ("ddp", "one"))
     assert gns["method"] == alone["method"] == "per_example"
     assert gns["estimate_batch_size"] == 256 and gns["rank_batch_size"] == 128
@@ -141,25 +151,7 @@ def test_a_quick_study_under_ddp_gives_one_devices_noise_estimate_of_the_global_
         assert gns["points"][0][key] == pytest.approx(alone["points"][0][key], rel=1e-4)
     # The ranks' own norms (B_small = 128) estimate the same quantities, with far more noise.
     assert gns["points"][0]["ranks_g2"] == pytest.approx(alone["points"][0]["g2"], rel=0.05)
-    assert quick["b_simple_ranks"] == gns["b_simple_ranks"] and math.isfinite(gns["b_simple_ranks"])
-
-
-def test_a_study_under_ddp_trains_global_batches(tmp_path):
-    """(That a rerun under DDP repeats nothing is tested with the interrupted study, below.)"""
-    args = [*STUDY_TINY, "--grid", "[8, 64]", "--lr_factors", "[1]", "--out", "ddp", *DDP]
-    proc = _ok(run_command(tmp_path, *args))
-    assert proc.stdout.count("batchlab study\n") == 1
-    root = tmp_path / "ddp"
-    summary = json.loads((root / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["grid"] == [2, 8, 32, 64]
-    assert summary["recommended_batch_size"] in summary["grid"]
-    rows = list(csv.DictReader((root / "results.csv").open()))
-    assert len(rows) == 4 and any(r["status"] == "reached" for r in rows)
-    for row in rows:
-        if row["status"] == "reached":  # B is global: B / 2 per rank on each of 2 ranks, every step
-            assert int(row["samples"]) == int(row["steps"]) * int(row["batch_size"])
-    assert f"Recommended batch size: {summary['recommended_batch_size']} " in proc.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
+    assert summary["b_simple_ranks"] == gns["b_simple_ranks"] and math.isfinite(gns["b_simple_ranks"])
 
 
 @pytest.mark.slow
