@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +81,24 @@ def run_command(cwd: Path, *args: str, timeout: float = 300) -> subprocess.Compl
     return subprocess.run(
         command(*args), cwd=cwd, env=command_env(), capture_output=True, text=True, timeout=timeout
     )
+
+
+def signal_a_study(cwd: Path, args: list[str], trials: Path, signum: int, after: int = 3) -> tuple[int, str, str]:
+    """Run ``batchlab ARGS`` (a study) as a subprocess, send it ``signum`` once ``after`` trials are written in
+    ``trials``, and return its exit status, stdout and stderr."""
+    proc = subprocess.Popen(command(*args), cwd=cwd, env=command_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(trials.glob("*.json"))) < after:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, out, err
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

@@ -11,13 +11,11 @@ import json
 import math
 import re
 import signal
-import subprocess
-import time
 
 import pytest
 import torch
 from conftest import (
-    QUIET, SEED, STUDY, command, command_env, hparams_plugin, load_summary, run_command, run_dirs, scalars, snapshot,
+    QUIET, SEED, STUDY, hparams_plugin, load_summary, run_command, run_dirs, scalars, signal_a_study, snapshot,
 )
 from torch.utils.data import DistributedSampler
 
@@ -159,19 +157,9 @@ def test_sigterm_to_the_launching_rank_stops_every_rank_of_a_study_and_a_rerun_r
     """As a scheduler may: SIGTERM to rank 0 only, once three trials are written. Without agreement the ranks stop
     at different steps and wait for each other for ever."""
     args = [*STUDY_TINY, "--grid", "[8, 64]", "--lr_factors", "[1, 2]", "--out", "ddp", *DDP]
-    proc = subprocess.Popen(command(*args), cwd=tmp_path, env=command_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
     trials = tmp_path / "ddp" / "trials"
-    try:
-        deadline = time.monotonic() + 120
-        while len(list(trials.glob("*.json"))) < 3:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 143, err[-2000:]
+    code, out, err = signal_a_study(tmp_path, args, trials, signal.SIGTERM)
+    assert code == 143, err[-2000:]
     assert "Traceback" not in err and err.count("study interrupted by SIGTERM") == 1, err[-2000:]
     kept = {p.name: p.read_bytes() for p in trials.glob("*.json")}
     assert 3 <= len(kept) < 8

@@ -5,11 +5,9 @@ import csv
 import json
 import math
 import signal
-import subprocess
-import time
 
 import pytest
-from conftest import STUDY, command, command_env, scalars
+from conftest import STUDY, scalars, signal_a_study
 
 from batchlab import scaling
 from batchlab import study as study_module
@@ -321,21 +319,10 @@ def test_the_best_lr_among_equal_step_counts_is_the_one_tried_first_not_the_fast
 )
 def test_a_real_signal_stops_a_study_cleanly_and_a_rerun_repeats_no_trial(batchlab, tmp_path, signum):
     """Sent to ``batchlab study`` running as a subprocess once three trials are written."""
-    proc = subprocess.Popen(command(*TINY), cwd=tmp_path, env=command_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     trials = tmp_path / "study" / "trials"
-    try:
-        deadline = time.monotonic() + 120
-        while len(list(trials.glob("*.json"))) < 3:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.02)
-        proc.send_signal(signum)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    code, out, err = signal_a_study(tmp_path, TINY, trials, signum)
     name = signal.Signals(signum).name
-    assert proc.returncode == 128 + signum, err[-2000:]
+    assert code == 128 + signum, err[-2000:]
     assert "Traceback" not in err and f"study interrupted by {name}" in err.strip().splitlines()[-1]
     kept = {p.name: p.read_bytes() for p in trials.glob("*.json")}
     assert 3 <= len(kept) < 10 and not list(trials.glob(".*tmp*")), "finished trials kept, no half-written one"
