@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from batchlab.model import MLPRegressor
+
 
 class RecordSeenRows(Callback):
     """Record the training inputs this rank trains on, epoch by epoch, in the order seen, and save them to
@@ -55,3 +57,19 @@ class MarkStep(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         if trainer.global_rank == 0 and trainer.global_step >= self.step and not Path(self.path).exists():
             Path(self.path).write_text(str(trainer.global_step))
+
+
+class NonFiniteOnOneRank(MLPRegressor):
+    """The seed's MLP whose training loss is infinite on rank 1 alone at optimizer step ``at_step`` (each rank's
+    loss is its own shard's: at the edge of divergence one rank's can overflow a step before the others')."""
+
+    def __init__(self, *args: Any, at_step: int = 3, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.at_step = at_step
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = super().training_step(batch, batch_idx)
+        trainer = self._trainer
+        if trainer is not None and trainer.global_rank == 1 and trainer.global_step == self.at_step:
+            loss = loss * float("inf")
+        return loss

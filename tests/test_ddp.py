@@ -166,3 +166,14 @@ def test_sigterm_to_the_launching_rank_stops_every_rank_of_a_study_and_a_rerun_r
     _ok(run_command(tmp_path, *args, timeout=120))
     after = {p.name: p.read_bytes() for p in trials.glob("*.json")}
     assert len(after) == 8 and all(after[name] == data for name, data in kept.items())
+
+
+def test_a_loss_that_is_not_finite_on_one_rank_alone_stops_every_rank_of_a_study(tmp_path):
+    """Each rank's training loss is its own shard's: at the edge of divergence one rank's can overflow a step
+    before the others'. The reference run's divergence check must stop every rank, not that one alone (which left
+    the other waiting in its next collective for ever)."""
+    args = [*STUDY_TINY, "--grid", "[8]", "--quick", "--out", "ddp", *DDP,
+            "--model.class_path", "probes.NonFiniteOnOneRank", "--model.init_args.at_step", "30"]
+    _ok(run_command(tmp_path, *args, timeout=120))
+    gns = json.loads((tmp_path / "ddp" / "gns.json").read_text())
+    assert [p["step"] for p in gns["points"]] == [0, 20]  # stopped at step 31, before the snapshot at 40

@@ -293,7 +293,12 @@ class CurveRecorder(Callback):
                            batch_idx: int) -> None:
         self.samples += extract_batch_size(batch) * trainer.world_size
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, Tensor) and not torch.isfinite(loss).all():
+        diverged = isinstance(loss, Tensor) and not bool(torch.isfinite(loss).all())
+        if trainer.world_size > 1:
+            # Each rank's loss is its own shard's: one rank's can overflow a step before the others'. A rank that
+            # stopped alone would leave the others waiting in their next collective for ever: they agree first.
+            diverged = trainer.strategy.reduce_boolean_decision(diverged, all=False)
+        if diverged:
             self.diverged_at = trainer.global_step
             trainer.should_stop = True
 
