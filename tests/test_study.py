@@ -345,3 +345,18 @@ def test_an_infinite_noise_scale_is_kept_as_null_and_a_resumed_study_reads_it_al
     assert gns["points"] and all(p["b_simple"] is None for p in gns["points"])
     assert batchlab(*TINY, "--quick").code == 0
     assert json.loads((root / "quick.json").read_text()) == first
+
+
+def test_a_ddp_study_fingerprints_its_world_size(tmp_path):
+    """Under torchrun or SLURM `devices` may read `auto` whatever the world size: the fingerprint names it, so that
+    a folder measured on one device is not resumed on several (its batch sizes and base LR would mean others)."""
+    from batchlab.data import ToyRegressionData
+    from batchlab.model import MLPRegressor
+
+    settings = study_module.StudySettings(target=1.5, out=str(tmp_path / "s"))
+    one = study_module.Study(MLPRegressor(), ToyRegressionData(n_samples=64), {"accelerator": "cpu"}, settings)
+    two = study_module.Study(MLPRegressor(), ToyRegressionData(n_samples=64),
+                             {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}, settings)
+    assert "world_size" not in one.fingerprint["machine"], "one-device folders made before keep matching"
+    assert two.fingerprint["machine"]["world_size"] == 2
+    assert two.base_batch_size == 2 * one.base_batch_size, "the configured batch size is per device"

@@ -15,7 +15,7 @@ works) and batchlab reports the run as interrupted.
 ``noting_signals`` installs the callback's handler from before Lightning starts the other processes, so that a
 signal during the start is noted too (by default it would kill the first process and leave the others waiting
 for it). What remains: Lightning installs its own SIGTERM handler after ``on_fit_start``, and no hook runs
-between that and ``on_train_start``, where this callback takes the signal back. A SIGTERM in that short window
+between that and ``on_train_start`` (or ``on_validation_start``), where this callback takes the signal back. A SIGTERM in that short window
 (two barriers and the data loaders' creation) still meets Lightning's handler. Blocking the signal there is no
 cure: a process-directed signal goes to any thread that does not block it, and torch starts threads at import.
 A signal after the last step is noted but changes nothing: the fit is ending anyway.
@@ -77,6 +77,12 @@ class StopTogether(Callback):
         raise KeyboardInterrupt if signame == "SIGINT" else SIGTERMException()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._take_signals()
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._take_signals()  # a sanity check or a plain ``validate`` comes before any training
+
+    def _take_signals(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:  # Lightning puts the previous handlers back when the fit ends
                 signal.signal(sig, self.handle)

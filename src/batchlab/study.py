@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import lightning
 import torch
@@ -403,6 +403,8 @@ class Study:
             self.base_batch_size = settings.base_batch_size or self.base_batch_size * self.world_size
         machine = {"device": device_name(self.device), "torch": torch.__version__,
                    "lightning": lightning.__version__}
+        if self.world_size > 1:  # where torchrun or SLURM set it, `devices` in the configuration may not show it
+            machine["world_size"] = self.world_size
         self.fingerprint = {"study": settings.fingerprint(), "config": config or self._describe_objects(),
                             "machine": machine}
         self.folder: Optional[StudyFolder] = None  # opened once the configuration has been checked
@@ -431,28 +433,42 @@ class Study:
         check(batch_size is None or batch_size % w == 0,
               f"{name}={batch_size} is not allowed on {w} devices: batch sizes are global, use a multiple of {w}")
 
+    def _on_rank_zero(self, work: Callable[[], Any]) -> Any:
+        """``work()`` on rank 0 (the folder's reads and writes), its result on every rank. Should it fail, every
+        rank stops: a failure on rank 0 alone would leave the others waiting in their next collective for ever.
+        The others raise a refusal as it is, and exit quietly on any other error, which rank 0 reports."""
+        if self.world_size == 1:
+            return work()
+        outcome: Any = None
+        if self.is_global_zero:
+            try:
+                outcome = ("ok", work())
+            except ConfigError as err:
+                outcome = ("refused", str(err))
+            except Exception as err:
+                self._shared(("failed", None))
+                raise err
+        kind, value = self._shared(outcome)
+        if kind == "refused":
+            raise ConfigError(value)
+        if kind == "failed":
+            raise SystemExit(1)
+        return value
+
     def _measured(self, key: str, measure: Any) -> Any:
         """The measurement stored under ``key`` in the study's folder, or ``measure()`` run now and stored."""
-        cached = self._shared(self.folder.read(key) if self.is_global_zero else None)
+        cached = self._on_rank_zero(lambda: self.folder.read(key))
         if cached is None:
             # As stored (non-finite numbers as null), so that a resumed study computes from the same values.
             cached = self._shared(jsonable(measure()))
-            if self.is_global_zero:
-                self.folder.write(key, cached)
+            self._on_rank_zero(lambda: self.folder.write(key, cached))
         return cached
 
     def _open_folder(self) -> StudyFolder:
         """Rank 0 opens (or refuses) the folder; the others learn where it is, or the refusal."""
-        outcome: Any = None
-        if self.is_global_zero:
-            try:
-                outcome = str(StudyFolder.open(self.settings.out, self.fingerprint, self.settings.fresh).root)
-            except ConfigError as err:
-                outcome = err
-        outcome = self._shared(outcome)
-        if isinstance(outcome, ConfigError):
-            raise outcome
-        return StudyFolder(Path(outcome))
+        s = self.settings
+        return StudyFolder(Path(self._on_rank_zero(lambda: str(StudyFolder.open(s.out, self.fingerprint,
+                                                                                  s.fresh).root))))
 
     def _describe_objects(self) -> dict[str, Any]:
         out = {"trainer": self.trainer_kwargs}
@@ -806,7 +822,8 @@ class Study:
         """One validation batch, so that a metric the model does not log is reported before any measurement."""
         model, data = copy.deepcopy(self.model), copy.deepcopy(self.datamodule)
         with quiet_lightning():
-            trainer = self._trainer([], max_steps=1, validate_every=1)
+            trainer = self._trainer([StudyStopTogether(self)] if self.world_size > 1 else [], max_steps=1,
+                                    validate_every=1)
             trainer.limit_val_batches = 1
             trainer.validate(model, datamodule=data, verbose=False)
         if self.settings.monitor not in trainer.callback_metrics:
