@@ -168,6 +168,7 @@ def test_sigterm_to_the_launching_rank_stops_every_rank_of_a_study_and_a_rerun_r
     assert len(after) == 8 and all(after[name] == data for name, data in kept.items())
 
 
+@pytest.mark.slow
 def test_a_loss_that_is_not_finite_on_one_rank_alone_stops_every_rank_of_a_study(tmp_path):
     """Each rank's training loss is its own shard's: at the edge of divergence one rank's can overflow a step
     before the others'. The reference run's divergence check must stop every rank, not that one alone (which left
