@@ -1,6 +1,7 @@
 """The speed settings change how a step runs, never what it computes: the lean step, ``configs/fast.yaml``, the
 compiled network, the data path's shortcuts and the module's attribute fast path, each against the plain path."""
 
+import json
 import math
 from pathlib import Path
 
@@ -119,7 +120,6 @@ def test_on_the_cpu_each_loss_point_reaches_the_loggers_in_its_own_step(tmp_path
 def _lean_fit(tmp_path, callbacks, steps=6):
     from batchlab.summary import RunSummary
 
-    tmp_path.mkdir(exist_ok=True)
     torch.manual_seed(0)
     summary = RunSummary(verbose=False)
     trainer = Trainer(
@@ -361,3 +361,9 @@ def test_device_shuffle_draws_a_permutation_on_the_gpu_and_keeps_the_cpu_rng_str
     rows = torch.cat([b[0] for b in TensorBatches((x,), 64, shuffle=True, shuffle_on_device=True)])
     assert torch.equal(torch.get_rng_state(), state), "the CPU stream advances as with a DataLoader"
     assert rows.device.type == "cuda" and torch.equal(rows.sort(0).values, x)
+
+
+def test_a_fit_without_a_logger_writes_its_summary_into_a_root_dir_nothing_made_yet(tmp_path):
+    root = tmp_path / "new" / "root"
+    _lean_fit(root, [])
+    assert json.loads((root / "summary.json").read_text())["steps"] == 6

@@ -84,6 +84,8 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
     Returns the path written.
     """
     path = Path(path)
+    # A Trainer without a logger reports to its default_root_dir, which nothing may have made yet outside the CLI.
+    path.parent.mkdir(parents=True, exist_ok=True)
     target, k = path, 1
     while target.exists():
         k += 1
