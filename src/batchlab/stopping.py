@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -51,6 +52,14 @@ def noting_signals(handler: Optional[Callable[[int, Any], None]]) -> Iterator[No
             signal.signal(sig, old)
 
 
+def agreed_signal(strategy: Strategy, own: Optional[str]) -> Optional[str]:
+    """The ranks' joint answer to "did a signal come?" (a collective: every rank must ask at the same point): None
+    if no rank had one, else the signal rank 0 had, or this rank's own (a scheduler may signal one rank only)."""
+    if not strategy.reduce_boolean_decision(own is not None, all=False):
+        return None
+    return strategy.broadcast(own, src=0) or own or "SIGTERM"
+
+
 class StopTogether(Callback):
     """Under DDP, a signal to any rank stops every rank after the same training step (see the module's docstring).
 
@@ -66,9 +75,9 @@ class StopTogether(Callback):
     def handle(self, signum: int, frame: Any) -> None:
         self.signame = signal.Signals(signum).name
 
-    def requested(self) -> bool:
-        """Whether this rank had a signal."""
-        return self.signame is not None
+    def own_signal(self) -> Optional[str]:
+        """The signal this rank had, if any."""
+        return self.signame
 
     def stop(self, trainer: Trainer, signame: str) -> None:
         """What every rank does once they agree: raise what Lightning raises for the signal."""
@@ -88,6 +97,6 @@ class StopTogether(Callback):
                 signal.signal(sig, self.handle)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        if trainer.strategy.reduce_boolean_decision(self.requested(), all=False):
-            # The signal rank 0 had, or this rank's own (a scheduler may signal one rank only).
-            self.stop(trainer, trainer.strategy.broadcast(self.signame, src=0) or self.signame or "SIGTERM")
+        signame = agreed_signal(trainer.strategy, self.own_signal())
+        if signame is not None:
+            self.stop(trainer, signame)

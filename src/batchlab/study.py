@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from batchlab import scaling
 from batchlab.errors import ConfigError, RunInterrupted, check, signal_of
-from batchlab.stopping import StopTogether, noting_signals
+from batchlab.stopping import StopTogether, agreed_signal, noting_signals
 from batchlab.summary import device_name, write_atomically
 
 # Trainer arguments a study sets itself for each of its runs; every other one (accelerator, devices, precision,
@@ -324,8 +324,8 @@ class StudyStopTogether(StopTogether):
         self.study = study
         self.handle = study.signal_handler  # type: ignore[method-assign]
 
-    def requested(self) -> bool:
-        return self.study.stop_signal is not None
+    def own_signal(self) -> Optional[str]:
+        return self.study.stop_signal
 
     def stop(self, trainer: Trainer, signame: str) -> None:
         trainer.should_stop = True
@@ -535,10 +535,10 @@ class Study:
         ranks agree there, and all stop together, or none."""
         if self.world_size > 1:
             # Only the ranks' joint answer counts: a signal landing just after it waits for the next check.
-            if not self.stop_requested_anywhere():
+            agreed = agreed_signal(self.strategy, self.stop_signal)
+            if agreed is None:
                 return
-            # The signal rank 0 had, or this rank's own (a scheduler may signal one rank only).
-            self._stop = self._shared(self._stop) or self._stop or "SIGTERM"
+            self._stop = agreed
         if getattr(self, "_stop", None):
             where = self.folder.root if self.folder else self.settings.out
             message = (f"study interrupted by {self._stop}; every finished measurement is kept in {where}: rerun "
@@ -549,10 +549,6 @@ class Study:
     def stop_signal(self) -> Optional[str]:
         """The signal this rank had, if any."""
         return getattr(self, "_stop", None)
-
-    def stop_requested_anywhere(self) -> bool:
-        """Whether any rank has had a signal (a collective: every rank must ask at the same point)."""
-        return self.strategy.reduce_boolean_decision(self.stop_signal is not None, all=False)
 
     def centre_lr(self, batch_size: int) -> float:
         ratio = batch_size / self.base_batch_size
