@@ -16,7 +16,10 @@ Variants (``--variants``): ``notebook`` (``batchlab.notebook.train``: per-sample
 (the notebook's model and SGD on batches sliced from in-memory tensors by a permutation: no framework),
 ``batchlab`` (``batchlab fit -c configs/seed.yaml`` with the case's data), ``batchlab-fast`` (plus
 ``configs/fast.yaml``); on the GPU also ``graph-floor`` (the floor's whole step captured in one CUDA graph) and
-``batchlab-compiled`` (``batchlab-fast`` plus ``--model.compile reduce-overhead``); batchlab variants on the GPU
+``batchlab-compiled`` (``batchlab-fast`` plus ``--model.compile reduce-overhead``); ``lightning-loop``, a reference
+for what the Trainer's loop alone costs: the same model with its lean step on the same data, in a Trainer with no
+logger, checkpoint, progress bar, model summary or profiler and none of batchlab's callbacks (no TensorBoard, no
+``RunSummary``), so no configuration of a Lightning fit can step faster. Batchlab variants on the GPU
 shuffle on the device (``--data.device_shuffle true``), as the floor does.
 
 How it measures, and why:
@@ -97,7 +100,7 @@ CASES = {
     # The per-sample notebook loop would take minutes per epoch at 16M samples; it is left out there.
     "gpu16m": Case(1 << 24, 1 << 20, 5, 0, device="cuda"),
 }
-CPU_VARIANTS = ["notebook", "floor", "batchlab", "batchlab-fast"]
+CPU_VARIANTS = ["notebook", "floor", "lightning-loop", "batchlab", "batchlab-fast"]
 GPU_VARIANTS = ["floor", "graph-floor", "batchlab", "batchlab-fast", "batchlab-compiled"]
 
 
@@ -332,21 +335,23 @@ def batchlab_args(case: Case, variant: str, save_dir: str) -> list[str]:
 
 
 def _cpu_clock():
-    """A callback that reads the process's CPU time over RunSummary's steady window (first epoch end to train
-    end); appended after RunSummary, so its end mark also covers RunSummary's last log writes."""
+    """A callback that reads the process's CPU time (and wall time) over RunSummary's steady window (first epoch
+    end to train end); appended after RunSummary, so its end mark also covers RunSummary's last log writes."""
     from lightning.pytorch import Callback
 
     class CpuClock(Callback):
         start: Optional[float] = None
         cpu_s: Optional[float] = None
+        wall_s: Optional[float] = None
 
         def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
             if self.start is None:
-                self.start = time.process_time()
+                self.start, self.wall_start = time.process_time(), time.perf_counter()
 
         def on_train_end(self, trainer: Any, pl_module: Any) -> None:
             if self.start is not None:
                 self.cpu_s = time.process_time() - self.start
+                self.wall_s = time.perf_counter() - self.wall_start
 
     return CpuClock()
 
@@ -381,6 +386,49 @@ def work_batchlab(case: Case, variant: str) -> dict[str, Any]:
     }
 
 
+def work_lightning_loop(case: Case) -> dict[str, Any]:
+    """Lightning's loop with nothing on it: ``MLPRegressor(lean_step=True)`` and ``ToyRegressionData`` in a bare
+    Trainer, timed over the same steady window as batchlab (first epoch end to train end)."""
+    from lightning.pytorch import Trainer, seed_everything
+
+    from batchlab.cli import _quiet_lightning
+    from batchlab.data import ToyRegressionData
+    from batchlab.model import MLPRegressor
+    from batchlab.profiler import NoProfiler
+
+    _quiet_lightning()
+    seed_everything(0, verbose=False)
+    clock = _cpu_clock()
+    trainer = Trainer(
+        accelerator="gpu" if case.device == "cuda" else "cpu",
+        devices=1,
+        max_epochs=case.epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        profiler=NoProfiler(),
+        callbacks=[clock],
+    )
+    data = ToyRegressionData(batch_size=case.batch_size, n_samples=case.n, device_shuffle=case.device == "cuda")
+    with PeakMemory(case.device) as mem:
+        t0 = time.perf_counter()
+        trainer.fit(MLPRegressor(lean_step=True), datamodule=data)
+        _sync(case.device)
+        fit_s = time.perf_counter() - t0
+    steady_steps = case.steps_per_epoch * (case.epochs - 1)
+    step_s = clock.wall_s / steady_steps
+    return {
+        "step_s": step_s,
+        "cpu_step_s": clock.cpu_s / steady_steps,
+        "samples_per_s": case.rows / (step_s * case.steps_per_epoch),
+        "fit_s": fit_s,
+        "fit_samples_per_s": case.rows * case.epochs / fit_s,
+        "steps": trainer.global_step,
+        **mem.result,
+    }
+
+
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     case = Case(**spec["case"])
     variant = spec["variant"]
@@ -396,6 +444,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         return work_floor(case)
     if variant == "graph-floor":
         return work_graph_floor(case)
+    if variant == "lightning-loop":
+        return work_lightning_loop(case)
     return work_batchlab(case, variant)
 
 
@@ -559,7 +609,8 @@ def targets(results: dict[str, CaseResult], process: Optional[dict[str, Any]]) -
         out.append({"target": name, "value": value, "limit": limit, "at_most": at_most, "met": met})
 
     if "seed" in results:
-        for v in ("batchlab", "batchlab-fast"):
+        # lightning-loop is no target but its bound: no Lightning fit with logging can step faster than it.
+        for v in ("lightning-loop", "batchlab", "batchlab-fast"):
             add(f"seed bs 2: {v} steady step / floor step", results["seed"].ratio(v, "step_s"), 2.0, True)
             add(f"seed bs 2: {v} steady step / floor step, CPU time", results["seed"].ratio(v, "cpu_step_s"), 2.0, True)
     if "1m" in results:

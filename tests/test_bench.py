@@ -20,15 +20,16 @@ def test_bench_measures_each_variant_in_its_own_process_and_writes_json(tmp_path
     bench = _bench()
     out = tmp_path / "bench.json"
     args = ["--cases", "seed", "--seed-epochs", "3", "--repeats", "1", "--no-process", "--json", str(out),
-            "--variants", "notebook,floor,batchlab-fast"]  # fmt: skip
+            "--variants", "notebook,floor,lightning-loop,batchlab-fast"]  # fmt: skip
     assert bench.main(args) == 0
     data = json.loads(out.read_text())
     runs = data["cases"]["seed"]["runs"]
-    assert set(runs) == {"notebook", "floor", "batchlab-fast"}
+    assert set(runs) == {"notebook", "floor", "lightning-loop", "batchlab-fast"}
     for variant, (run,) in runs.items():
         assert "error" not in run, (variant, run)
         assert run["step_s"] > 0 and run["samples_per_s"] > 0 and run["process_peak_mb"] > 0
-    assert runs["batchlab-fast"][0]["steps"] == 6 and runs["batchlab-fast"][0]["fit_s"] > 0
+    for variant in ("lightning-loop", "batchlab-fast"):
+        assert runs[variant][0]["steps"] == 6 and runs[variant][0]["fit_s"] > 0 and runs[variant][0]["cpu_step_s"] > 0
     targets = {t["target"]: t for t in data["targets"]}
     assert targets["seed bs 2: batchlab-fast steady step / floor step"]["value"] > 0
     printed = capsys.readouterr().out
