@@ -113,14 +113,13 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
         self._scalars: Optional[ScalarEventFile] = None
         self._last_flush = time.monotonic()
         self._hparams_file_written = False
+        # save_dir and name are fixed from here on; log_metrics asks once per scalar.
+        self._is_local = "://" not in str(self.root_dir)
 
     @property
     def scalar_file(self) -> Optional[str]:
         """Path of the event file that holds the scalars (None before the first one, or for a remote save_dir)."""
         return self._scalars.path if self._scalars is not None else None
-
-    def _local(self) -> bool:
-        return "://" not in str(self.root_dir)
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, Any], step: Optional[int] = None) -> None:
@@ -130,7 +129,7 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
             key = f"{self.metric_prefix}{self.LOGGER_JOIN_CHAR}{k}" if self.metric_prefix else k
             if isinstance(v, Tensor) and v.numel() == 1:
                 v = v.item()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and self._local():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and self._is_local:
                 values[key] = float(v)
             else:
                 rest[k] = v
@@ -144,7 +143,7 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
 
     @rank_zero_only
     def save(self) -> None:
-        if not self._local():
+        if not self._is_local:
             super().save()
             return
         # Lightning calls this after every logged step. Write hparams.yaml the first time, as Lightning's save
