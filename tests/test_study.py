@@ -137,6 +137,10 @@ def test_a_diverging_learning_rate_is_recorded_not_a_crash(batchlab, tmp_path):
     assert {r["status"] for r in rows} == {"diverged"}
     summary = json.loads((tmp_path / "study" / "summary.json").read_text())
     assert summary["recommended_batch_size"] is None and "nothing reached the target" in summary["recommended_by"]
+    # The noise scale's reference run diverged too: its B_simple can only come from the initial weights, and the
+    # answer says so instead of passing it off as a measurement of training.
+    assert summary["reference_diverged_at"] is not None and summary["b_simple_steps"] == [0]
+    assert "reference run diverged at step" in result.out and "initial weights alone" in result.out
 
 
 def _synthetic_step_times(alpha, beta):
@@ -174,6 +178,12 @@ def test_quick_mode_recommends_from_noise_scale_and_throughput_alone(batchlab, t
     gns = json.loads((root / "gns.json").read_text())
     assert gns["method"] == "per_example" and len(gns["points"]) == 3
     assert [p["step"] for p in gns["points"]] == [0, 20, 40]
+    # B_simple pools the points of training, numerator and denominator apart; the initial weights are only shown.
+    assert gns["averaged_steps"] == [20, 40] and gns["reference_diverged_at"] is None
+    later = gns["points"][1:]
+    assert gns["b_simple"] == pytest.approx(sum(p["trace"] for p in later) / sum(p["g2"] for p in later))
+    assert gns["points"][0]["b_simple_ema"] is None and gns["points"][1]["b_simple_ema"] == pytest.approx(
+        later[0]["b_simple"])
     assert (root / "quick.md").is_file() and "(quick)" in result.out
     if beta > 0:
         # A full study in the same folder reuses the noise scale and the throughput already measured.

@@ -93,6 +93,12 @@ def headline(summary: dict[str, Any]) -> list[str]:
                  f"quick answer sqrt(B_simple alpha / beta) = {_fmt(s['quick_b_star'])} -> "
                  f"{s['quick_recommended_batch_size']}"
                  + (f", regret {_fmt(s['quick_regret'], 3)}" if s.get("quick_regret") is not None else "") + ".")
+    if s.get("reference_diverged_at") is not None:
+        steps = s.get("b_simple_steps") or []
+        where = ("from the initial weights alone, not from training" if steps == [0]
+                 else f"from the points before it (steps {steps})")
+        lines.append(f"Warning: the noise scale's reference run diverged at step {s['reference_diverged_at']}, so "
+                     f"B_simple is {where}: lower --base_lr for a trustworthy quick answer.")
     if s.get("b_simple_ranks") is not None and s["b_simple_method"] != "ranks":
         lines.append(f"From the DDP ranks' gradient norms alone (B_small = one rank's batch): B_simple = "
                      f"{_fmt(s['b_simple_ranks'])}, a far noisier estimate of the same quantity.")
@@ -129,8 +135,11 @@ def markdown(summary: dict[str, Any], gns: dict[str, Any], plots: list[str]) -> 
     out += ["## Gradient noise scale along the reference run", "",
             f"Reference run at batch size {gns['reference_batch_size']}, lr {_fmt(gns['reference_lr'])}; each "
             f"point averages {gns['batches_per_point']} batches of {gns['estimate_batch_size']} "
-            f"({gns['method']} gradients). Near the target |G|^2 shrinks and B_simple grows large and noisy: read "
-            "the early points and the separately averaged value.", "",
+            f"({gns['method']} gradients). B_simple = {_fmt(gns['b_simple'])} averages |G|^2 and tr(Sigma) "
+            f"separately over the points at steps {gns.get('averaged_steps', '-')}: the initial weights (step 0) "
+            "are shown but left out where later points exist, their |G|^2 being far above any later one. Near the "
+            "target |G|^2 shrinks and B_simple grows large and noisy: read the early points and the averaged "
+            "value.", "",
             "| step | samples seen | monitored | B_simple | B_simple (EMA) |", "|---:|---:|---:|---:|---:|"]
     ranks = "ranks_b_simple" in gns["points"][0] if gns["points"] else False
     if ranks:  # under DDP, the ranks' own estimate beside the study's

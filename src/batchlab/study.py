@@ -721,21 +721,37 @@ class Study:
             probe.load_state_dict(state)
             estimates, method = self._noise_samples(probe, batches, method)
             point = {"step": step, "samples_seen": step * b_ref, "value": curve.get(step)}
+            finite = all(math.isfinite(x.g2) and math.isfinite(x.trace) for xs in estimates.values() for x in xs)
+            point["estimates"] = estimates if finite else None
             for name, samples in estimates.items():
-                pooled.setdefault(name, []).extend(samples)
                 prefix = "" if name == method else f"{name}_"
                 point.update({f"{prefix}g2": sum(x.g2 for x in samples) / len(samples),
                               f"{prefix}trace": sum(x.trace for x in samples) / len(samples),
                               f"{prefix}b_simple": scaling.b_simple(samples)})
             points.append(point)
+        # The study's B_simple averages the points of training, not the initial weights: at step 0 |G|^2 is
+        # typically orders of magnitude above its value anywhere later (the default study: 14,000 at step 0, 6-410
+        # after), so pooling it in gave the initial weights' figure (0.72 against 2-125 later, B_crit 7.3). Step 0
+        # stays in the trajectory; it is used alone only when no later point exists (a reference run that diverged
+        # or reached the target before its first snapshot), which the report says.
+        used = [p for p in points if p["estimates"] is not None and p["step"] > 0] or [
+            p for p in points[:1] if p["estimates"] is not None]
+        for p in used:
+            for name, samples in p["estimates"].items():
+                pooled.setdefault(name, []).extend(samples)
         decay = 0.5
-        g2_ema = scaling.ema([p["g2"] for p in points], decay)
-        trace_ema = scaling.ema([p["trace"] for p in points], decay)
-        for p, g, t in zip(points, g2_ema, trace_ema):
-            p["b_simple_ema"] = t / g if g > 0 else math.inf
+        g2_ema = scaling.ema([p["g2"] for p in used], decay)
+        trace_ema = scaling.ema([p["trace"] for p in used], decay)
+        emas = {p["step"]: t / g if g > 0 else math.inf for p, g, t in zip(used, g2_ema, trace_ema)}
+        for p in points:
+            del p["estimates"]
+            p["b_simple_ema"] = emas.get(p["step"])
+        check(bool(used), f"the noise-scale reference run (batch size {b_ref}, lr {self.centre_lr(b_ref):g}) gave "
+                          "no finite gradient at its first step: lower --base_lr")
         out = {"b_simple": scaling.b_simple(pooled[method]), "method": method, "reference_batch_size": b_ref,
                "reference_lr": self.centre_lr(b_ref), "estimate_batch_size": b_big,
-               "batches_per_point": len(batches), "points": points}
+               "batches_per_point": len(batches), "averaged_steps": [p["step"] for p in used],
+               "reference_diverged_at": recorder.diverged_at, "points": points}
         if self.world_size > 1:
             out.update(rank_batch_size=b_big // self.world_size, b_simple_ranks=scaling.b_simple(pooled["ranks"]))
         return out
@@ -949,6 +965,7 @@ def summarise(study: Study, grid: list[int], n_train: int, memory_max: Optional[
         "memory_max_batch_size": memory_max, "memory_bound": memory_max is not None,
         "alpha_s": fit_t.alpha, "beta_s": fit_t.beta,
         "b_simple": gns["b_simple"], "b_simple_method": gns["method"], "b_simple_ranks": gns.get("b_simple_ranks"),
+        "b_simple_steps": gns.get("averaged_steps"), "reference_diverged_at": gns.get("reference_diverged_at"),
         "quick_b_star": b_star_quick, "quick_recommended_batch_size": quick_b,
         "lr_rule": s.lr_rule, "base_lr": study.base_lr, "base_batch_size": study.base_batch_size,
         "folder": str(study.folder.root),
