@@ -44,6 +44,17 @@ def test_a_tiny_study_writes_every_output(batchlab, tmp_path):
     assert all(r is None or r >= 1.0 for r in summary["regret"].values())
     assert summary["alpha_s"] >= 0 and summary["beta_s"] >= 0 and summary["b_simple"] > 0
     entry = next(e for e in summary["batch_sizes"] if e["batch_size"] == best)
+    # --lr_extend 0 and two factors: a best LR at an edge stays there, and is flagged as such.
+    for e in summary["batch_sizes"]:
+        lrs = sorted(float(r["lr"]) for r in csv.DictReader((root / "results.csv").open())
+                     if int(r["batch_size"]) == e["batch_size"])
+        if e.get("lr_at_edge") == "down":
+            assert e["lr"] == pytest.approx(lrs[0])
+        elif e.get("lr_at_edge") == "up":
+            assert e["lr"] == pytest.approx(lrs[-1])
+    assert summary["lr_at_edge"] == [e["batch_size"] for e in summary["batch_sizes"] if e.get("lr_at_edge")]
+    assert summary["lr_at_edge"], "with two LRs per B and no extension some best LR sits at an edge"
+    assert f"an edge of the range tried for B = {summary['lr_at_edge']}" in result.out
     assert entry["time_to_target_s"] == pytest.approx(entry["steps"] * entry["step_s"])
     assert entry["lr"] == summary["recommended_lr"]
 

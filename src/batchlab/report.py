@@ -84,6 +84,9 @@ def headline(summary: dict[str, Any]) -> list[str]:
                      f"({s['recommended_by']}).")
     if not s["quick"] and s.get("within_10_percent"):
         lines.append(f"Within 10% of the best time to target: {s['within_10_percent']}.")
+    if not s["quick"] and s.get("lr_at_edge"):
+        lines.append(f"The best learning rate sat at an edge of the range tried for B = {s['lr_at_edge']} (marked ^ "
+                     "or v in the table): a better one may lie beyond it; widen --lr_factors or raise --lr_extend.")
     if not s["quick"] and s.get("b_crit") is not None:
         lines.append(f"Fitted S(B) = S_min (1 + B_crit / B): S_min = {_fmt(s['s_min'])} steps, "
                      f"B_crit = {_fmt(s['b_crit'])}, E_min = {_fmt(s['e_min'])} samples; "
@@ -128,7 +131,8 @@ def markdown(summary: dict[str, Any], gns: dict[str, Any], plots: list[str]) -> 
         for e in s["batch_sizes"]:
             mark = " **best**" if e["batch_size"] == s["recommended_batch_size"] else ""
             steps = _fmt(e["steps"]) if e["steps"] is not None else "never (" + ", ".join(e["never_reached"]) + ")"
-            out.append(f"| {e['batch_size']}{mark} | {_fmt(e['lr'])} | {steps} | {_fmt(e['samples'])} | "
+            edge = {"up": " ^", "down": " v"}.get(e.get("lr_at_edge") or "", "")
+            out.append(f"| {e['batch_size']}{mark} | {_fmt(e['lr'])}{edge} | {steps} | {_fmt(e['samples'])} | "
                        f"{_fmt(e['step_s'] * 1e3)} | {_fmt(e['samples_per_s'])} | {_fmt(e['time_to_target_s'])} | "
                        f"{_fmt(e.get('regret'), 3)} |")
         out.append("")
@@ -284,7 +288,8 @@ def format_study(summary: dict[str, Any], written: Optional[list[Path]] = None) 
     if not summary["quick"]:
         lines.append("  B        lr          steps    ms/step   time to target   regret")
         for e in summary["batch_sizes"]:
-            lines.append(f"  {e['batch_size']:<8} {_fmt(e['lr']):<11} {_fmt(e['steps']):<8} "
+            lr = _fmt(e["lr"]) + {"up": " ^", "down": " v"}.get(e.get("lr_at_edge") or "", "")
+            lines.append(f"  {e['batch_size']:<8} {lr:<11} {_fmt(e['steps']):<8} "
                          f"{e['step_s'] * 1e3:<9.3f} {_fmt(e['time_to_target_s']):<16} {_fmt(e.get('regret'), 3)}")
     lines.append(f"  folder   {summary['folder']}")
     if not summary["quick"]:

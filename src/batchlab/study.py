@@ -984,7 +984,10 @@ def summarise(study: Study, grid: list[int], n_train: int, memory_max: Optional[
         entry = {"batch_size": b, "step_s": step_s[b], "samples_per_s": b / step_s[b]}
         if best:
             entry.update(steps=best["steps"], samples=best["samples"], lr=best["lr"],
-                         time_to_target_s=best["steps"] * step_s[b], trial_wall_s=best["wall_s"])
+                         time_to_target_s=best["steps"] * step_s[b], trial_wall_s=best["wall_s"],
+                         # Still at an edge once --lr_extend ran out: a better LR may lie beyond it, and the steps
+                         # (so B_crit and the answer) would then be too high at this B.
+                         lr_at_edge=_extend_direction(sweeps[b]))
         else:
             statuses = sorted({r["status"] for r in sweeps[b]})
             entry.update(steps=None, samples=None, lr=None, time_to_target_s=None, never_reached=statuses)
@@ -1012,6 +1015,7 @@ def summarise(study: Study, grid: list[int], n_train: int, memory_max: Optional[
         recommended_by="least measured time to target, S(B) x t(B)",
         time_to_target_s=t_best,
         within_10_percent=[e["batch_size"] for e in per_b.values() if e["regret"] is not None and e["regret"] <= 1.1],
+        lr_at_edge=[e["batch_size"] for e in per_b.values() if e.get("lr_at_edge")],
         regret={str(b): per_b[b]["regret"] for b in grid},
         quick_regret=quick_entry["regret"] if quick_entry else None,
         batch_sizes=list(per_b.values()),
