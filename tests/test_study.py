@@ -209,8 +209,11 @@ def test_quick_mode_recommends_from_noise_scale_and_throughput_alone(batchlab, t
 def test_any_lightning_module_and_datamodule_by_class_path(batchlab, tmp_path):
     result = batchlab(
         "study", "--model.class_path", "study_models.Classifier", "--data.class_path", "study_models.Blobs",
-        "--seed_everything", "0", "--trainer.accelerator", "cpu", "--monitor", "val/acc", "--mode", "max",
-        "--target", "0.9", "--grid", "[4, 64]", "--max_steps", "200", "--lr_factors", "[1, 3]", "--lr_extend", "0",
+        # Blobs close enough (Bayes accuracy ~0.79) that the target takes tens of steps, more at small B: the fit
+        # and the recommendation get real work, not a target every B reaches at its first check.
+        "--data.separation", "0.4", "--seed_everything", "0", "--trainer.accelerator", "cpu", "--monitor",
+        "val/acc", "--mode", "max", "--target", "0.77", "--grid", "[4, 64]", "--max_steps", "300", "--lr_factors",
+        "[1, 3]", "--lr_extend", "0",
         "--lr_rule", "none", "--gns_steps", "20", "--gns_points", "2", "--gns_batch_size", "128",
         "--throughput_steps", "5", "--throughput_rounds", "1", "--warmup_steps", "2", "--out", "other",
     )
@@ -222,7 +225,10 @@ def test_any_lightning_module_and_datamodule_by_class_path(batchlab, tmp_path):
     assert summary["b_simple_method"] == "per_example"
     rows = list(csv.DictReader((tmp_path / "other" / "results.csv").open()))
     assert {float(r["lr"]) for r in rows} == {1e-3, 3e-3}
-    assert any(r["status"] == "reached" and float(r["best_value"]) >= 0.9 for r in rows)
+    assert any(r["status"] == "reached" and float(r["best_value"]) >= 0.77 for r in rows)
+    steps = {e["batch_size"]: e["steps"] for e in summary["batch_sizes"]}
+    assert None not in steps.values() and steps[2] > steps[64], steps  # more steps at a small batch
+    assert summary["b_crit"] > 0 and summary["s_min"] > 0  # (model_b_star also needs t(B) to grow: timing, not asserted)
 
 
 @pytest.mark.parametrize(
