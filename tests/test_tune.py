@@ -44,18 +44,29 @@ def test_binsearch_applies_the_margin(batchlab, tmp_path):
     assert "1024 less the 10% margin gives 921" in out
 
 
-def test_a_max_val_stop_is_reported_as_such_and_the_untried_cap_is_flagged(batchlab, tmp_path):
+def test_a_max_val_stop_is_reported_as_such_and_the_untried_cap_is_replaced_by_the_largest_tried(batchlab, tmp_path):
     tune, out = _tune(batchlab, tmp_path, *N1000, "--max_val", "64")
-    assert tune["stopped_because"] == "max_val" and tune["batch_size"] == 64
+    assert tune["stopped_because"] == "max_val" and tune["untried_corrected_from"] == 64
     assert [t["batch_size"] for t in tune["trials"]] == [2, 4, 8, 16, 32]
-    assert tune["found_was_tried"] is False and "64 itself was not tried" in out
+    assert tune["batch_size"] == 32 and tune["found_was_tried"]
+    assert "Lightning's finder returned 64 but never tried it" in out and "32, the largest size tried" in out
+    assert "to have 64 tried, raise --max_val above it" in out
 
 
 def test_a_size_lightning_returns_above_max_val_untried_is_replaced_by_the_largest_tried(batchlab, tmp_path):
     tune, out = _tune(batchlab, tmp_path, *N1000, "--max_val", "100")
-    assert tune["stopped_because"] == "max_val" and tune["above_max_val_corrected_from"] == 128
+    assert tune["stopped_because"] == "max_val" and tune["untried_corrected_from"] == 128
     assert tune["batch_size"] == 64 == max(t["batch_size"] for t in tune["trials"])
-    assert "Lightning returned 128, above max_val=100 and never tried" in out
+    assert "Lightning's finder returned 128 but never tried it (above max_val=100)" in out
+
+
+def test_binsearch_takes_its_margin_off_the_largest_size_tried_not_off_an_untried_cap(batchlab, tmp_path):
+    # Lightning returns 100 (max_val, never run) less 20% = 80, above the largest size that ran.
+    tune, out = _tune(batchlab, tmp_path, *N1000, "--mode", "binsearch", "--margin", "0.2", "--max_val", "100")
+    assert max(t["batch_size"] for t in tune["trials"]) == 64 and tune["untried_corrected_from"] == 100
+    assert tune["before_margin"] == 64 and tune["batch_size"] == int(64 * 0.8) == 51
+    assert "Lightning's finder returned 100 but never tried it" in out
+    assert "64 less the 20% margin gives 51" in out
 
 
 def test_a_configured_batch_that_covers_the_data_is_one_trial_not_two(batchlab, tmp_path):

@@ -142,7 +142,8 @@ class BatchSizeSearch(BatchSizeFinder):
         steps_per_trial: Training steps run at each batch size tried.
         init_val: First batch size tried.
         max_trials: Most batch sizes tried.
-        max_val: Largest batch size tried (on a CPU, where nothing runs out of memory, this is the cap).
+        max_val: Cap of the search (on a CPU, where nothing runs out of memory, what ends it): Lightning stops
+            before running it, so every size tried is below it.
         margin: Fraction taken off the size found by ``binsearch``, as a safety buffer.
     """
 
@@ -173,10 +174,13 @@ class BatchSizeSearch(BatchSizeFinder):
         self.settings = {"mode": mode, "steps_per_trial": steps_per_trial, "init_val": init_val,
                          "max_trials": max_trials, "max_val": max_val, "margin": margin}
         self.result: Optional[dict[str, Any]] = None
+        self.before_margin: Optional[int] = None
+        self.untried_corrected_from: Optional[int] = None
 
     def scale_batch_size(self, trainer: Trainer, pl_module: LightningModule) -> None:
         check_not_distributed(trainer)
         initial = lightning_getattr(pl_module, "batch_size")
+        self.before_margin = self.untried_corrected_from = None
         rng = _rng_state()
         recorder = TrialRecorder(pl_module.device)
         try:
@@ -193,15 +197,29 @@ class BatchSizeSearch(BatchSizeFinder):
             log_hparams(trainer, {"batch_size": self.result["batch_size"], "batch_size_initial": initial})
 
     def _finish(self, pl_module: LightningModule, recorder: TrialRecorder) -> None:
-        """Complete the trial list, and never leave the model with a size above max_val that was never tried:
-        Lightning's power search can return the double of the last size below the cap."""
+        """Complete the trial list, and never recommend a size that was never tried.
+
+        Lightning's finder never runs ``max_val`` itself (it stops when the next size reaches it) yet returns it, or
+        in power mode the double of the last size below it, and ``binsearch`` then takes the margin off that. A
+        size that never ran is not known to fit, so the found size is based on the largest size that ran instead.
+        """
         recorder.finish()
         found = self.optimal_batch_size
-        largest_ok = max((t["batch_size"] for t in recorder.trials if t["ok"]), default=None)
-        self.corrected_from = None
-        if found is not None and found > self._max_val and largest_ok is not None:
-            self.corrected_from, self.optimal_batch_size = found, largest_ok
-            lightning_setattr(pl_module, "batch_size", largest_ok)
+        self.before_margin = recorder.before_margin
+        returned = recorder.before_margin or found  # Lightning's answer before its margin
+        ran = {t["batch_size"] for t in recorder.trials if t["ok"]}
+        base = max((s for s in ran if returned is not None and s <= returned), default=None)
+        if returned is None or returned in ran or base is None:
+            return  # no trial ran (all out of memory): nothing tried to fall back on; the output flags it
+        self.untried_corrected_from, self.before_margin = returned, None
+        found = base
+        margin = self.settings["margin"]
+        if self.settings["mode"] == "binsearch" and margin > 0:
+            # Lightning's own margin arithmetic (batch_size_scaling._run_binsearch_scaling), on the size that ran.
+            found = max(1, int(base * (1 - margin)))
+            self.before_margin = base if found != base else None
+        self.optimal_batch_size = found
+        lightning_setattr(pl_module, "batch_size", found)
 
     def _describe(
         self, trainer: Trainer, pl_module: LightningModule, initial: int, recorder: TrialRecorder
@@ -220,8 +238,8 @@ class BatchSizeSearch(BatchSizeFinder):
             "trials": trials,
             "largest_ok": max((t["batch_size"] for t in trials if t["ok"]), default=None),
             "found_was_tried": found in tried,
-            "before_margin": recorder.before_margin,
-            "above_max_val_corrected_from": getattr(self, "corrected_from", None),
+            "before_margin": self.before_margin,
+            "untried_corrected_from": self.untried_corrected_from,
             "dataset_size": dataset_size,
             "device": device_name(pl_module.device),
             "memory_limited": any(not t["ok"] for t in trials),
@@ -258,17 +276,26 @@ def format_tune(result: dict[str, Any], path: Optional[Path] = None) -> str:
     for t in result["trials"]:
         memory = f", peak {t['peak_memory_bytes'] / 2**20:,.0f} MiB" if "peak_memory_bytes" in t else ""
         lines.append(f"  trial              {t['batch_size']:>8} {'ok' if t['ok'] else 'out of memory'}{memory}")
-    if result.get("above_max_val_corrected_from"):
+    corrected, max_val, largest = result.get("untried_corrected_from"), result["max_val"], result["largest_ok"]
+    if corrected:
+        base = result["before_margin"] or found
+        why = ("it stops before max_val" if corrected == max_val
+               else f"above max_val={max_val}" if corrected > max_val else "")
         lines.append(
-            f"  corrected          Lightning returned {result['above_max_val_corrected_from']}, above "
-            f"max_val={result['max_val']} and never tried; the largest size tried is used instead"
+            f"  untried            Lightning's finder returned {corrected} but never tried it"
+            + (f" ({why})" if why else "") + f"; {base}, the largest size tried, is used instead"
         )
+        if corrected == max_val:
+            raise_it = "--max_val above it" if result["mode"] == "binsearch" or max_val < POWER_CAP else (
+                "--max_val above it with --mode binsearch --margin 0")
+            lines.append(f"                     to have {max_val} tried, raise {raise_it}")
     if result["before_margin"]:
         lines.append(
             f"  margin             {result['before_margin']} less the {result['margin']:.0%} margin gives {found}"
         )
     elif not result["found_was_tried"]:
-        lines.append(f"  note               {found} itself was not tried: Lightning's finder stops before trying its cap")
+        tried = f"the largest size tried was {largest}" if largest else "no size tried ran"
+        lines.append(f"  untried            {found} itself was never tried: {tried}")
     lines.append(f"  device             {result['device']}")
     if not result["memory_limited"]:
         largest = result["largest_ok"]
