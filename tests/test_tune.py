@@ -44,6 +44,18 @@ def test_binsearch_applies_the_margin(batchlab, tmp_path):
     assert "1024 less the 10% margin gives 921" in out
 
 
+def test_tune_logs_the_size_found_to_tensorboards_hparams_against_what_the_search_measured(batchlab, tmp_path):
+    tune, _ = _tune(batchlab, tmp_path, *N1000, "--mode", "binsearch", "--margin", "0.1")
+    log_dir = run_dirs(tmp_path)[-1]
+    params, metric_tags = hparams_plugin(log_dir)
+    assert params["batch_size"] == tune["batch_size"] == 921 and params["batch_size_initial"] == 2
+    assert params["n_samples"] == 1000
+    assert {"hp/largest_batch_tried", "hp/trials"} <= set(metric_tags) and "hp_metric" not in metric_tags
+    assert scalars(log_dir)["hp/largest_batch_tried"] == [(0, 1024.0)]
+    hparams = yaml.safe_load((log_dir / "hparams.yaml").read_text())
+    assert hparams["batch_size"] == 921 and hparams["batch_size_initial"] == 2
+
+
 def test_a_max_val_stop_is_reported_as_such_and_the_untried_cap_is_replaced_by_the_largest_tried(batchlab, tmp_path):
     tune, out = _tune(batchlab, tmp_path, *N1000, "--max_val", "64")
     assert tune["stopped_because"] == "max_val" and tune["untried_corrected_from"] == 64
@@ -200,6 +212,7 @@ def test_on_a_gpu_the_search_stops_on_out_of_memory_and_the_size_found_trains(ba
                       "--steps_per_trial", "1")
     assert tune["stopped_because"] == "out_of_memory", out
     assert all("peak_memory_bytes" in t for t in tune["trials"])
+    assert "hp/peak_memory_mib" in hparams_plugin(run_dirs(tmp_path)[-1])[1]
     found = str(tune["batch_size"])
     result = batchlab("fit", "-c", SEED, *QUIET, *big, "--data.batch_size", found, "--trainer.max_epochs", "1",
                       "--trainer.log_every_n_steps", "1")

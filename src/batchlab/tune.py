@@ -4,8 +4,8 @@ random state restored so that the search changes nothing but the batch size.
 Used two ways:
 
 - ``batchlab tune -c configs/seed.yaml [--mode binsearch --max_val 4096 ...]`` searches, prints the size found
-  and why the search stopped (``out_of_memory``, ``dataset_size``, ``max_val`` or ``max_trials``), and writes
-  ``tune.json`` into the run's folder;
+  and why the search stopped (``out_of_memory``, ``dataset_size``, ``max_val`` or ``max_trials``), writes
+  ``tune.json`` into the run's folder and logs the size found to the run's TensorBoard HParams;
 - ``batchlab fit -c configs/seed.yaml -c configs/find_batch_size.yaml`` searches, then trains with the size
   found; ``summary.json``, ``hparams.yaml`` and TensorBoard's HParams show the size trained with and the one the
   search started from.
@@ -33,7 +33,7 @@ from lightning.pytorch.utilities.exceptions import _TunerExitException  # privat
 from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_setattr
 
 from batchlab.errors import ConfigError, check
-from batchlab.summary import device_name, log_hparams, write_json
+from batchlab.summary import device_name, log_hparams, run_hparams, write_json
 
 STOP_REASONS = ("out_of_memory", "dataset_size", "max_val", "max_trials")
 
@@ -183,18 +183,29 @@ class BatchSizeSearch(BatchSizeFinder):
         self.before_margin = self.untried_corrected_from = None
         rng = _rng_state()
         recorder = TrialRecorder(pl_module.device)
+        ends_the_run = False
         try:
             with recorder:
                 try:
                     super().scale_batch_size(trainer, pl_module)
                 except _TunerExitException:  # the search ended and `batchlab tune` stops here
+                    ends_the_run = True
                     self._finish(pl_module, recorder)
                     raise
                 self._finish(pl_module, recorder)
         finally:
             _set_rng_state(rng)
             self.result = self._describe(trainer, pl_module, initial, recorder)
-            log_hparams(trainer, {"batch_size": self.result["batch_size"], "batch_size_initial": initial})
+            sizes = {"batch_size": self.result["batch_size"], "batch_size_initial": initial}
+            if ends_the_run:
+                # Nothing else reports this run, so its HParams session is the search's, against what the search
+                # measured (TensorBoard writes no session without a metric). Logged here, before Lightning closes
+                # the logger on its way out of the fit.
+                log_hparams(trainer, run_hparams(trainer, pl_module, **sizes), metrics=search_metrics(self.result))
+            else:
+                # A fit follows: RunSummary logs its session at the end, against the fit's metrics; until then
+                # the logger and hparams.yaml hold the size found instead of the configured one.
+                log_hparams(trainer, sizes)
 
     def _finish(self, pl_module: LightningModule, recorder: TrialRecorder) -> None:
         """Complete the trial list, and never recommend a size that was never tried.
@@ -244,6 +255,15 @@ class BatchSizeSearch(BatchSizeFinder):
             "device": device_name(pl_module.device),
             "memory_limited": any(not t["ok"] for t in trials),
         }
+
+
+def search_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """What a search measured, as the metrics of its TensorBoard HParams session."""
+    metrics = {"hp/largest_batch_tried": result["largest_ok"], "hp/trials": len(result["trials"])}
+    ran = [t for t in result["trials"] if t["ok"] and t["batch_size"] == result["largest_ok"]]
+    if ran and "peak_memory_bytes" in ran[-1]:
+        metrics["hp/peak_memory_mib"] = ran[-1]["peak_memory_bytes"] / 2**20
+    return {k: v for k, v in metrics.items() if v is not None}
 
 
 def check_not_distributed(trainer: Trainer) -> None:
