@@ -135,12 +135,16 @@ def test_an_out_of_memory_error_ends_the_search_and_is_named(tmp_path, mode, fou
 def test_the_recorder_reads_lightnings_messages():
     import logging
 
-    recorder = TrialRecorder(torch.device("cpu"))
+    finished = []
+    recorder = TrialRecorder(torch.device("cpu"), on_finished=finished.append)
     log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     with recorder:
         log.info("Batch size 2 succeeded, trying batch size 4")
         log.info("Batch size 4 failed, trying batch size 2")
+        logging.getLogger("lightning.pytorch.tuner.batch_size_scaling").info(
+            "Finished batch size finder, will continue with full run using batch size 2")
     assert recorder.trials == [{"batch_size": 2, "ok": True}, {"batch_size": 4, "ok": False}]
+    assert finished == [2]
     assert stop_reason(recorder.trials, None, False) == "out_of_memory"
     assert stop_reason([{"batch_size": 2, "ok": True}], 4, False) == "dataset_size"
     assert stop_reason([{"batch_size": 2, "ok": True}], None, True) == "max_val"
@@ -148,12 +152,29 @@ def test_the_recorder_reads_lightnings_messages():
     assert recorder not in log.handlers
 
 
-def _fit_losses(batchlab, tmp_path, *args):
-    result = batchlab("fit", "-c", SEED, *QUIET, "--data.n_samples", "256", "--data.noise", "1",
-                      "--trainer.max_epochs", "20", *args)
+def _fit_losses(batchlab, tmp_path, *args, n_samples=256, epochs=20):
+    result = batchlab("fit", "-c", SEED, *QUIET, "--data.n_samples", str(n_samples), "--data.noise", "1",
+                      "--trainer.max_epochs", str(epochs), *args)
     assert result.code == 0, result.err
     log_dir = run_dirs(tmp_path)[-1]
     return [v for _, v in scalars(log_dir)["train/loss"]], log_dir, result.out
+
+
+def _finder(tmp_path, **init_args):
+    """A config overlay like configs/find_batch_size.yaml with the finder's ``init_args``."""
+    path = tmp_path / "finder.yaml"
+    path.write_text(yaml.safe_dump({"trainer": {"callbacks+": [
+        {"class_path": "batchlab.tune.BatchSizeSearch", "init_args": init_args}]}}))
+    return str(path)
+
+
+def test_a_fit_after_a_corrected_search_trains_with_the_size_it_reports(batchlab, tmp_path):
+    # Lightning builds the fit's dataloaders from its own answer, 100 (never run) less 20%: 80.
+    finder = _finder(tmp_path, mode="binsearch", margin=0.2, max_val=100)
+    _, log_dir, _ = _fit_losses(batchlab, tmp_path, "-c", finder, n_samples=1000, epochs=1)
+    summary = load_summary(log_dir)
+    assert summary["batch_size"] == 51 and summary["batch_size_search"]["untried_corrected_from"] == 100
+    assert summary["steps"] == math.ceil(1000 / 51), "one epoch at the batch size reported"
 
 
 def test_fit_with_the_finder_trains_with_the_size_found_and_reports_both_sizes(batchlab, tmp_path):

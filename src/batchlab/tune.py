@@ -12,8 +12,10 @@ Used two ways:
 
 The search itself is Lightning's ``BatchSizeFinder``. Lightning removes every callback and logger while it runs
 its trials and reports them only as log lines, so ``TrialRecorder`` reads those lines (the one place batchlab
-depends on their wording; the tests pin it). Lightning restores the weights after the search but not the random
-state, so a fit after a search would otherwise shuffle differently from the same fit without one.
+depends on their wording; the tests pin it). The last of them, said before Lightning builds the fit's dataloaders,
+is also where an answer that never ran is replaced by one that did. Lightning restores the weights after the
+search but not the random state, so a fit after a search would otherwise shuffle differently from the same fit
+without one.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import logging
 import random
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -43,17 +45,21 @@ _DATASET = re.compile(r"The batch size (\d+) is greater or equal than the length
 _MAX_VAL = re.compile(r"Reached the maximum batch size limit of (\d+)")
 _MARGIN = re.compile(r"reducing batch size from (\d+) to (\d+)")
 _CAPPED = re.compile(r"Batch size (\d+) exceeds max_val limit (\d+), capping at")
+# Said after the search (and its margin), before Lightning builds the fit's dataloaders from the module's batch size.
+_FINISHED = re.compile(r"Finished batch size finder, will continue with full run using batch size (\d+)")
 # Lightning 2.6's power search doubles through a helper called without max_val, which then caps at this.
 POWER_CAP = 8192
 _LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.tuner.batch_size_scaling")
 
 
 class TrialRecorder(logging.Handler):
-    """Collects the finder's trials from its log lines, with the peak device memory of each on a GPU."""
+    """Collects the finder's trials from its log lines, with the peak device memory of each on a GPU, and calls
+    ``on_finished`` with Lightning's answer when it says the search is finished."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, on_finished: Optional[Callable[[int], None]] = None) -> None:
         super().__init__(logging.INFO)
         self.device = device
+        self.on_finished = on_finished
         self.trials: list[dict[str, Any]] = []
         self.dataset_size: Optional[int] = None
         self.hit_max_val = False
@@ -97,6 +103,8 @@ class TrialRecorder(logging.Handler):
             self._pending = None
         elif m := _MARGIN.search(message):
             self.before_margin = int(m.group(1))
+        elif (m := _FINISHED.search(message)) and self.on_finished is not None:
+            self.on_finished(int(m.group(1)))
 
     def finish(self) -> None:
         """Record the last trial, which Lightning runs without a message when it ends on ``max_trials``, and drop
@@ -176,13 +184,16 @@ class BatchSizeSearch(BatchSizeFinder):
         self.result: Optional[dict[str, Any]] = None
         self.before_margin: Optional[int] = None
         self.untried_corrected_from: Optional[int] = None
+        self._settled = False
+        self._found: Optional[int] = None
 
     def scale_batch_size(self, trainer: Trainer, pl_module: LightningModule) -> None:
         check_not_distributed(trainer)
         initial = lightning_getattr(pl_module, "batch_size")
         self.before_margin = self.untried_corrected_from = None
         rng = _rng_state()
-        recorder = TrialRecorder(pl_module.device)
+        self._settled = False
+        recorder = TrialRecorder(pl_module.device, lambda returned: self._settle(pl_module, recorder, returned))
         ends_the_run = False
         try:
             with recorder:
@@ -190,9 +201,9 @@ class BatchSizeSearch(BatchSizeFinder):
                     super().scale_batch_size(trainer, pl_module)
                 except _TunerExitException:  # the search ended and `batchlab tune` stops here
                     ends_the_run = True
-                    self._finish(pl_module, recorder)
+                    self._settle(pl_module, recorder, self.optimal_batch_size)
                     raise
-                self._finish(pl_module, recorder)
+                self._settle(pl_module, recorder, self.optimal_batch_size)
         finally:
             _set_rng_state(rng)
             self.result = self._describe(trainer, pl_module, initial, recorder)
@@ -207,30 +218,42 @@ class BatchSizeSearch(BatchSizeFinder):
                 # the logger and hparams.yaml hold the size found instead of the configured one.
                 log_hparams(trainer, sizes)
 
-    def _finish(self, pl_module: LightningModule, recorder: TrialRecorder) -> None:
-        """Complete the trial list, and never recommend a size that was never tried.
+    def _settle(self, pl_module: LightningModule, recorder: TrialRecorder, returned: Optional[int]) -> None:
+        """Complete the trial list and never recommend a size that was never tried.
 
         Lightning's finder never runs ``max_val`` itself (it stops when the next size reaches it) yet returns it, or
         in power mode the double of the last size below it, and ``binsearch`` then takes the margin off that. A
-        size that never ran is not known to fit, so the found size is based on the largest size that ran instead.
+        size that never ran is not known to fit, so the found size is then based on the largest size that ran.
+
+        First called when Lightning says the search is finished: the module's batch size must be right before
+        Lightning builds the fit's dataloaders from it (as Lightning sets it after its own margin), or a fit after
+        the search would train with Lightning's answer while reporting this one. Called again once the search has
+        returned, to put the size back after Lightning sets ``optimal_batch_size`` to its own answer.
         """
-        recorder.finish()
-        found = self.optimal_batch_size
+        if not self._settled:
+            self._settled = True
+            recorder.finish()
+            self._found = self._tried_size(recorder, returned)
+            if self._found != returned:
+                lightning_setattr(pl_module, "batch_size", self._found)
+        self.optimal_batch_size = self._found
+
+    def _tried_size(self, recorder: TrialRecorder, returned: Optional[int]) -> Optional[int]:
+        """The size found from Lightning's answer ``returned``: its own, or one based on the largest that ran."""
         self.before_margin = recorder.before_margin
-        returned = recorder.before_margin or found  # Lightning's answer before its margin
+        answer = recorder.before_margin or returned  # Lightning's answer before its margin
         ran = {t["batch_size"] for t in recorder.trials if t["ok"]}
-        base = max((s for s in ran if returned is not None and s <= returned), default=None)
-        if returned is None or returned in ran or base is None:
-            return  # no trial ran (all out of memory): nothing tried to fall back on; the output flags it
-        self.untried_corrected_from, self.before_margin = returned, None
-        found = base
+        base = max((s for s in ran if answer is not None and s <= answer), default=None)
+        if answer is None or answer in ran or base is None:
+            return returned  # its answer ran, or none did (all out of memory): nothing to fall back on
+        self.untried_corrected_from, self.before_margin = answer, None
         margin = self.settings["margin"]
-        if self.settings["mode"] == "binsearch" and margin > 0:
-            # Lightning's own margin arithmetic (batch_size_scaling._run_binsearch_scaling), on the size that ran.
-            found = max(1, int(base * (1 - margin)))
-            self.before_margin = base if found != base else None
-        self.optimal_batch_size = found
-        lightning_setattr(pl_module, "batch_size", found)
+        if self.settings["mode"] != "binsearch" or margin == 0:
+            return base
+        # Lightning's own margin arithmetic (batch_size_scaling._run_binsearch_scaling), on the size that ran.
+        found = max(1, int(base * (1 - margin)))
+        self.before_margin = base if found != base else None
+        return found
 
     def _describe(
         self, trainer: Trainer, pl_module: LightningModule, initial: int, recorder: TrialRecorder
