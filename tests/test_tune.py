@@ -191,9 +191,15 @@ def test_fit_with_the_finder_trains_with_the_size_found_and_reports_both_sizes(b
 
 
 def test_a_search_changes_nothing_but_the_batch_size_and_repeats_exactly(batchlab, tmp_path):
-    searched, _, _ = _fit_losses(batchlab, tmp_path, "-c", FIND)
-    again, _, _ = _fit_losses(batchlab, tmp_path, "-c", FIND)
-    plain, _, _ = _fit_losses(batchlab, tmp_path, "--data.batch_size", "256")
+    # Capped below the data so that the fit shuffles: each epoch's order is drawn from the global random state,
+    # which the search's own trials draw from too.
+    finder = _finder(tmp_path, max_val=32)
+    fit = {"n_samples": 300, "epochs": 3}
+    searched, log_dir, _ = _fit_losses(batchlab, tmp_path, "-c", finder, **fit)
+    found = load_summary(log_dir)["batch_size"]
+    assert found == 16 and len(searched) == 3 * math.ceil(300 / 16), "several shuffled batches per epoch"
+    again, _, _ = _fit_losses(batchlab, tmp_path, "-c", finder, **fit)
+    plain, _, _ = _fit_losses(batchlab, tmp_path, "--data.batch_size", str(found), **fit)
     assert searched == again
     assert searched == plain, "same initial weights and same shuffles as a fit without the search"
 
