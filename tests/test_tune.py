@@ -215,7 +215,11 @@ def test_a_search_changes_nothing_but_the_batch_size_and_repeats_exactly(batchla
         (["--margin", "1.5"], "margin=1.5"),
         (["--max_trials", "-1"], "max_trials=-1"),
         (["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
-         "does not run under strategy=DDPStrategy"),
+         "does not run under strategy='ddp' (DDPStrategy, devices=2,"),
+        (["--trainer.strategy", "ddp_spawn", "--trainer.accelerator", "cpu"],
+         "does not run under strategy='ddp_spawn' (DDPStrategy, devices=1,"),
+        (["--trainer.devices", "2", "--trainer.accelerator", "cpu"],
+         "does not run under strategy='auto' (DDPStrategy, devices=2,"),
     ],
 )
 def test_bad_tune_input_is_a_one_line_error(batchlab, args, message):
@@ -229,7 +233,7 @@ def test_bad_tune_input_is_a_one_line_error(batchlab, args, message):
 def test_the_finder_inside_a_ddp_fit_is_refused_before_launch(batchlab):
     result = batchlab("fit", "-c", SEED, *QUIET, "-c", FIND, "--trainer.strategy", "ddp", "--trainer.devices", "2",
                       "--trainer.accelerator", "cpu")
-    assert result.code == 2 and "does not run under strategy=DDPStrategy" in result.err
+    assert result.code == 2 and "does not run under strategy='ddp' (DDPStrategy" in result.err
 
 
 @pytest.mark.parametrize("device", [d for d in DEVICES if not isinstance(d, str)])

@@ -291,11 +291,16 @@ def search_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 def check_not_distributed(trainer: Trainer) -> None:
     """Lightning's finder refuses distributed strategies; say so before any process is launched."""
-    check(
-        not isinstance(trainer.strategy, ParallelStrategy),
-        f"the batch-size finder does not run under strategy={type(trainer.strategy).__name__} "
-        f"(devices={trainer.num_devices}, num_nodes={trainer.num_nodes}): Lightning refuses distributed "
-        "strategies; search on one device (--trainer.devices 1) and scale the result",
+    if not isinstance(trainer.strategy, ParallelStrategy):
+        return
+    kind = type(trainer.strategy).__name__
+    # What the user wrote (``ddp_spawn``, or ``auto`` that became DDP on two devices) where batchlab's Trainer kept it.
+    passed = getattr(trainer, "init_kwargs", {}).get("strategy")
+    strategy = f"{passed!r} ({kind}, " if isinstance(passed, str) else f"{kind} ("
+    raise ConfigError(
+        f"the batch-size finder does not run under strategy={strategy}devices={trainer.num_devices}, "
+        f"num_nodes={trainer.num_nodes}): Lightning refuses distributed strategies; search on one device "
+        "(--trainer.devices 1 --trainer.strategy auto) and scale the result"
     )
 
 
