@@ -42,6 +42,7 @@ def test_binsearch_applies_the_margin(batchlab, tmp_path):
     assert tune["mode"] == "binsearch" and tune["before_margin"] == 1024
     assert tune["batch_size"] == int(1024 * 0.9) == 921
     assert "1024 less the 10% margin gives 921" in out
+    assert "batch size found   921 (--mode binsearch, starting at 2)" in out
 
 
 def test_tune_logs_the_size_found_to_tensorboards_hparams_against_what_the_search_measured(batchlab, tmp_path):
@@ -84,7 +85,7 @@ def test_binsearch_takes_its_margin_off_the_largest_size_tried_not_off_an_untrie
 def test_a_configured_batch_that_covers_the_data_is_one_trial_not_two(batchlab, tmp_path):
     tune, out = _tune(batchlab, tmp_path, *N1000, "--data.batch_size", "1024")
     assert tune["trials"] == [{"batch_size": 1024, "ok": True}] and tune["stopped_because"] == "dataset_size"
-    assert "(power search, from 1024)" in out
+    assert "(--mode power, starting at 1024)" in out
 
 
 def test_binsearch_searches_beyond_lightnings_power_cap(batchlab, tmp_path):

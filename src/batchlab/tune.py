@@ -314,7 +314,7 @@ def format_tune(result: dict[str, Any], path: Optional[Path] = None) -> str:
         "max_trials": f"it used all max_trials={result['max_trials']} trials",
     }[reason]
     start = result["trials"][0]["batch_size"] if result["trials"] else result["batch_size_initial"]
-    lines = ["", "batchlab tune", f"  batch size found   {found} ({result['mode']} search, from {start})",
+    lines = ["", "batchlab tune", f"  batch size found   {found} (--mode {result['mode']}, starting at {start})",
              f"  stopped because    {reason}: {why}"]
     if result["effective_batch_size"] != found:
         lines.append(
