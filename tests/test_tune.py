@@ -42,26 +42,50 @@ def test_binsearch_applies_the_margin(batchlab, tmp_path):
     assert tune["mode"] == "binsearch" and tune["before_margin"] == 1024
     assert tune["batch_size"] == int(1024 * 0.9) == 921
     assert "1024 less the 10% margin gives 921" in out
+    assert "batch size found   921 (--mode binsearch, starting at 2)" in out
 
 
-def test_a_max_val_stop_is_reported_as_such_and_the_untried_cap_is_flagged(batchlab, tmp_path):
+def test_tune_logs_the_size_found_to_tensorboards_hparams_against_what_the_search_measured(batchlab, tmp_path):
+    tune, _ = _tune(batchlab, tmp_path, *N1000, "--mode", "binsearch", "--margin", "0.1")
+    log_dir = run_dirs(tmp_path)[-1]
+    params, metric_tags = hparams_plugin(log_dir)
+    assert params["batch_size"] == tune["batch_size"] == 921 and params["batch_size_initial"] == 2
+    assert params["n_samples"] == 1000
+    assert {"hp/largest_batch_tried", "hp/trials"} <= set(metric_tags) and "hp_metric" not in metric_tags
+    assert scalars(log_dir)["hp/largest_batch_tried"] == [(0, 1024.0)]
+    hparams = yaml.safe_load((log_dir / "hparams.yaml").read_text())
+    assert hparams["batch_size"] == 921 and hparams["batch_size_initial"] == 2
+
+
+def test_a_max_val_stop_is_reported_as_such_and_the_untried_cap_is_replaced_by_the_largest_tried(batchlab, tmp_path):
     tune, out = _tune(batchlab, tmp_path, *N1000, "--max_val", "64")
-    assert tune["stopped_because"] == "max_val" and tune["batch_size"] == 64
+    assert tune["stopped_because"] == "max_val" and tune["untried_corrected_from"] == 64
     assert [t["batch_size"] for t in tune["trials"]] == [2, 4, 8, 16, 32]
-    assert tune["found_was_tried"] is False and "64 itself was not tried" in out
+    assert tune["batch_size"] == 32 and tune["found_was_tried"]
+    assert "Lightning's finder returned 64 but never tried it" in out and "32, the largest size tried" in out
+    assert "to have 64 tried, raise --max_val above it" in out
 
 
 def test_a_size_lightning_returns_above_max_val_untried_is_replaced_by_the_largest_tried(batchlab, tmp_path):
     tune, out = _tune(batchlab, tmp_path, *N1000, "--max_val", "100")
-    assert tune["stopped_because"] == "max_val" and tune["above_max_val_corrected_from"] == 128
+    assert tune["stopped_because"] == "max_val" and tune["untried_corrected_from"] == 128
     assert tune["batch_size"] == 64 == max(t["batch_size"] for t in tune["trials"])
-    assert "Lightning returned 128, above max_val=100 and never tried" in out
+    assert "Lightning's finder returned 128 but never tried it (above max_val=100)" in out
+
+
+def test_binsearch_takes_its_margin_off_the_largest_size_tried_not_off_an_untried_cap(batchlab, tmp_path):
+    # Lightning returns 100 (max_val, never run) less 20% = 80, above the largest size that ran.
+    tune, out = _tune(batchlab, tmp_path, *N1000, "--mode", "binsearch", "--margin", "0.2", "--max_val", "100")
+    assert max(t["batch_size"] for t in tune["trials"]) == 64 and tune["untried_corrected_from"] == 100
+    assert tune["before_margin"] == 64 and tune["batch_size"] == int(64 * 0.8) == 51
+    assert "Lightning's finder returned 100 but never tried it" in out
+    assert "64 less the 20% margin gives 51" in out
 
 
 def test_a_configured_batch_that_covers_the_data_is_one_trial_not_two(batchlab, tmp_path):
     tune, out = _tune(batchlab, tmp_path, *N1000, "--data.batch_size", "1024")
     assert tune["trials"] == [{"batch_size": 1024, "ok": True}] and tune["stopped_because"] == "dataset_size"
-    assert "(power search, from 1024)" in out
+    assert "(--mode power, starting at 1024)" in out
 
 
 def test_binsearch_searches_beyond_lightnings_power_cap(batchlab, tmp_path):
@@ -112,12 +136,16 @@ def test_an_out_of_memory_error_ends_the_search_and_is_named(tmp_path, mode, fou
 def test_the_recorder_reads_lightnings_messages():
     import logging
 
-    recorder = TrialRecorder(torch.device("cpu"))
+    finished = []
+    recorder = TrialRecorder(torch.device("cpu"), on_finished=finished.append)
     log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     with recorder:
         log.info("Batch size 2 succeeded, trying batch size 4")
         log.info("Batch size 4 failed, trying batch size 2")
+        logging.getLogger("lightning.pytorch.tuner.batch_size_scaling").info(
+            "Finished batch size finder, will continue with full run using batch size 2")
     assert recorder.trials == [{"batch_size": 2, "ok": True}, {"batch_size": 4, "ok": False}]
+    assert finished == [2]
     assert stop_reason(recorder.trials, None, False) == "out_of_memory"
     assert stop_reason([{"batch_size": 2, "ok": True}], 4, False) == "dataset_size"
     assert stop_reason([{"batch_size": 2, "ok": True}], None, True) == "max_val"
@@ -125,12 +153,29 @@ def test_the_recorder_reads_lightnings_messages():
     assert recorder not in log.handlers
 
 
-def _fit_losses(batchlab, tmp_path, *args):
-    result = batchlab("fit", "-c", SEED, *QUIET, "--data.n_samples", "256", "--data.noise", "1",
-                      "--trainer.max_epochs", "20", *args)
+def _fit_losses(batchlab, tmp_path, *args, n_samples=256, epochs=20):
+    result = batchlab("fit", "-c", SEED, *QUIET, "--data.n_samples", str(n_samples), "--data.noise", "1",
+                      "--trainer.max_epochs", str(epochs), *args)
     assert result.code == 0, result.err
     log_dir = run_dirs(tmp_path)[-1]
     return [v for _, v in scalars(log_dir)["train/loss"]], log_dir, result.out
+
+
+def _finder(tmp_path, **init_args):
+    """A config overlay like configs/find_batch_size.yaml with the finder's ``init_args``."""
+    path = tmp_path / "finder.yaml"
+    path.write_text(yaml.safe_dump({"trainer": {"callbacks+": [
+        {"class_path": "batchlab.tune.BatchSizeSearch", "init_args": init_args}]}}))
+    return str(path)
+
+
+def test_a_fit_after_a_corrected_search_trains_with_the_size_it_reports(batchlab, tmp_path):
+    # Lightning builds the fit's dataloaders from its own answer, 100 (never run) less 20%: 80.
+    finder = _finder(tmp_path, mode="binsearch", margin=0.2, max_val=100)
+    _, log_dir, _ = _fit_losses(batchlab, tmp_path, "-c", finder, n_samples=1000, epochs=1)
+    summary = load_summary(log_dir)
+    assert summary["batch_size"] == 51 and summary["batch_size_search"]["untried_corrected_from"] == 100
+    assert summary["steps"] == math.ceil(1000 / 51), "one epoch at the batch size reported"
 
 
 def test_fit_with_the_finder_trains_with_the_size_found_and_reports_both_sizes(batchlab, tmp_path):
@@ -147,9 +192,15 @@ def test_fit_with_the_finder_trains_with_the_size_found_and_reports_both_sizes(b
 
 
 def test_a_search_changes_nothing_but_the_batch_size_and_repeats_exactly(batchlab, tmp_path):
-    searched, _, _ = _fit_losses(batchlab, tmp_path, "-c", FIND)
-    again, _, _ = _fit_losses(batchlab, tmp_path, "-c", FIND)
-    plain, _, _ = _fit_losses(batchlab, tmp_path, "--data.batch_size", "256")
+    # Capped below the data so that the fit shuffles: each epoch's order is drawn from the global random state,
+    # which the search's own trials draw from too.
+    finder = _finder(tmp_path, max_val=32)
+    fit = {"n_samples": 300, "epochs": 3}
+    searched, log_dir, _ = _fit_losses(batchlab, tmp_path, "-c", finder, **fit)
+    found = load_summary(log_dir)["batch_size"]
+    assert found == 16 and len(searched) == 3 * math.ceil(300 / 16), "several shuffled batches per epoch"
+    again, _, _ = _fit_losses(batchlab, tmp_path, "-c", finder, **fit)
+    plain, _, _ = _fit_losses(batchlab, tmp_path, "--data.batch_size", str(found), **fit)
     assert searched == again
     assert searched == plain, "same initial weights and same shuffles as a fit without the search"
 
@@ -165,7 +216,11 @@ def test_a_search_changes_nothing_but_the_batch_size_and_repeats_exactly(batchla
         (["--margin", "1.5"], "margin=1.5"),
         (["--max_trials", "-1"], "max_trials=-1"),
         (["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
-         "does not run under strategy=DDPStrategy"),
+         "does not run under strategy='ddp' (DDPStrategy, devices=2,"),
+        (["--trainer.strategy", "ddp_spawn", "--trainer.accelerator", "cpu"],
+         "does not run under strategy='ddp_spawn' (DDPStrategy, devices=1,"),
+        (["--trainer.devices", "2", "--trainer.accelerator", "cpu"],
+         "does not run under strategy='auto' (DDPStrategy, devices=2,"),
     ],
 )
 def test_bad_tune_input_is_a_one_line_error(batchlab, args, message):
@@ -179,7 +234,7 @@ def test_bad_tune_input_is_a_one_line_error(batchlab, args, message):
 def test_the_finder_inside_a_ddp_fit_is_refused_before_launch(batchlab):
     result = batchlab("fit", "-c", SEED, *QUIET, "-c", FIND, "--trainer.strategy", "ddp", "--trainer.devices", "2",
                       "--trainer.accelerator", "cpu")
-    assert result.code == 2 and "does not run under strategy=DDPStrategy" in result.err
+    assert result.code == 2 and "does not run under strategy='ddp' (DDPStrategy" in result.err
 
 
 @pytest.mark.parametrize("device", [d for d in DEVICES if not isinstance(d, str)])
@@ -189,6 +244,7 @@ def test_on_a_gpu_the_search_stops_on_out_of_memory_and_the_size_found_trains(ba
                       "--steps_per_trial", "1")
     assert tune["stopped_because"] == "out_of_memory", out
     assert all("peak_memory_bytes" in t for t in tune["trials"])
+    assert "hp/peak_memory_mib" in hparams_plugin(run_dirs(tmp_path)[-1])[1]
     found = str(tune["batch_size"])
     result = batchlab("fit", "-c", SEED, *QUIET, *big, "--data.batch_size", found, "--trainer.max_epochs", "1",
                       "--trainer.log_every_n_steps", "1")

@@ -114,7 +114,8 @@ class BatchlabTrainer(Trainer):
             init_val: First batch size tried.
             max_trials: Most batch sizes tried.
             steps_per_trial: Training steps at each size.
-            max_val: Largest batch size tried; on a CPU, where nothing runs out of memory, this is the cap.
+            max_val: Cap of the search; on a CPU, where nothing runs out of memory, what ends it. Lightning stops
+                before running it: every size tried is below it.
             margin: Fraction taken off the size ``binsearch`` finds, as a safety buffer.
         """
         finder = BatchSizeSearch(mode, steps_per_trial, init_val, max_trials, max_val, margin)

@@ -124,6 +124,17 @@ def log_hparams(trainer: Trainer, params: dict[str, Any], metrics: Optional[dict
             save_hparams_to_yaml(path, logger.hparams)
 
 
+def run_hparams(trainer: Trainer, pl_module: LightningModule, **extra: Any) -> dict[str, Any]:
+    """A run's hyperparameters for TensorBoard's HParams and ``hparams.yaml``: the data's and the model's as they
+    are now, which is after a batch-size search wrote its size into them, then ``extra``."""
+    params: dict[str, Any] = {}
+    if trainer.datamodule is not None:
+        params.update(trainer.datamodule.hparams)
+    params.update(pl_module.hparams)
+    params.update(extra)
+    return {k: v for k, v in params.items() if not k.startswith("_")}
+
+
 class RunSummary(Callback):
     """Measure a fit and report it: ``summary.json``, a printed summary, TensorBoard's samples-seen curve and
     HParams.
@@ -326,15 +337,11 @@ class RunSummary(Callback):
         return {"x": x.tolist(), "y": y.cpu().tolist()}
 
     def _hparams(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-        params: dict[str, Any] = {}
-        if trainer.datamodule is not None:
-            params.update(trainer.datamodule.hparams)
-        params.update(pl_module.hparams)
         s = self.summary or {}
-        params.update(global_batch_size=s.get("global_batch_size"), devices=s.get("devices"), seed=s.get("seed"))
+        extra = dict(global_batch_size=s.get("global_batch_size"), devices=s.get("devices"), seed=s.get("seed"))
         if "batch_size_initial" in s:
-            params["batch_size_initial"] = s["batch_size_initial"]
-        return {k: v for k, v in params.items() if not k.startswith("_")}
+            extra["batch_size_initial"] = s["batch_size_initial"]
+        return run_hparams(trainer, pl_module, **extra)
 
     def _hp_metrics(self) -> dict[str, float]:
         s = self.summary or {}

@@ -4,16 +4,18 @@ random state restored so that the search changes nothing but the batch size.
 Used two ways:
 
 - ``batchlab tune -c configs/seed.yaml [--mode binsearch --max_val 4096 ...]`` searches, prints the size found
-  and why the search stopped (``out_of_memory``, ``dataset_size``, ``max_val`` or ``max_trials``), and writes
-  ``tune.json`` into the run's folder;
+  and why the search stopped (``out_of_memory``, ``dataset_size``, ``max_val`` or ``max_trials``), writes
+  ``tune.json`` into the run's folder and logs the size found to the run's TensorBoard HParams;
 - ``batchlab fit -c configs/seed.yaml -c configs/find_batch_size.yaml`` searches, then trains with the size
   found; ``summary.json``, ``hparams.yaml`` and TensorBoard's HParams show the size trained with and the one the
   search started from.
 
 The search itself is Lightning's ``BatchSizeFinder``. Lightning removes every callback and logger while it runs
 its trials and reports them only as log lines, so ``TrialRecorder`` reads those lines (the one place batchlab
-depends on their wording; the tests pin it). Lightning restores the weights after the search but not the random
-state, so a fit after a search would otherwise shuffle differently from the same fit without one.
+depends on their wording; the tests pin it). The last of them, said before Lightning builds the fit's dataloaders,
+is also where an answer that never ran is replaced by one that did. Lightning restores the weights after the
+search but not the random state, so a fit after a search would otherwise shuffle differently from the same fit
+without one.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import logging
 import random
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -33,7 +35,7 @@ from lightning.pytorch.utilities.exceptions import _TunerExitException  # privat
 from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_setattr
 
 from batchlab.errors import ConfigError, check
-from batchlab.summary import device_name, log_hparams, write_json
+from batchlab.summary import device_name, log_hparams, run_hparams, write_json
 
 STOP_REASONS = ("out_of_memory", "dataset_size", "max_val", "max_trials")
 
@@ -43,17 +45,21 @@ _DATASET = re.compile(r"The batch size (\d+) is greater or equal than the length
 _MAX_VAL = re.compile(r"Reached the maximum batch size limit of (\d+)")
 _MARGIN = re.compile(r"reducing batch size from (\d+) to (\d+)")
 _CAPPED = re.compile(r"Batch size (\d+) exceeds max_val limit (\d+), capping at")
+# Said after the search (and its margin), before Lightning builds the fit's dataloaders from the module's batch size.
+_FINISHED = re.compile(r"Finished batch size finder, will continue with full run using batch size (\d+)")
 # Lightning 2.6's power search doubles through a helper called without max_val, which then caps at this.
 POWER_CAP = 8192
 _LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.tuner.batch_size_scaling")
 
 
 class TrialRecorder(logging.Handler):
-    """Collects the finder's trials from its log lines, with the peak device memory of each on a GPU."""
+    """Collects the finder's trials from its log lines, with the peak device memory of each on a GPU, and calls
+    ``on_finished`` with Lightning's answer when it says the search is finished."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, on_finished: Optional[Callable[[int], None]] = None) -> None:
         super().__init__(logging.INFO)
         self.device = device
+        self.on_finished = on_finished
         self.trials: list[dict[str, Any]] = []
         self.dataset_size: Optional[int] = None
         self.hit_max_val = False
@@ -97,6 +103,8 @@ class TrialRecorder(logging.Handler):
             self._pending = None
         elif m := _MARGIN.search(message):
             self.before_margin = int(m.group(1))
+        elif (m := _FINISHED.search(message)) and self.on_finished is not None:
+            self.on_finished(int(m.group(1)))
 
     def finish(self) -> None:
         """Record the last trial, which Lightning runs without a message when it ends on ``max_trials``, and drop
@@ -142,7 +150,8 @@ class BatchSizeSearch(BatchSizeFinder):
         steps_per_trial: Training steps run at each batch size tried.
         init_val: First batch size tried.
         max_trials: Most batch sizes tried.
-        max_val: Largest batch size tried (on a CPU, where nothing runs out of memory, this is the cap).
+        max_val: Cap of the search (on a CPU, where nothing runs out of memory, what ends it): Lightning stops
+            before running it, so every size tried is below it.
         margin: Fraction taken off the size found by ``binsearch``, as a safety buffer.
     """
 
@@ -173,35 +182,78 @@ class BatchSizeSearch(BatchSizeFinder):
         self.settings = {"mode": mode, "steps_per_trial": steps_per_trial, "init_val": init_val,
                          "max_trials": max_trials, "max_val": max_val, "margin": margin}
         self.result: Optional[dict[str, Any]] = None
+        self.before_margin: Optional[int] = None
+        self.untried_corrected_from: Optional[int] = None
+        self._settled = False
+        self._found: Optional[int] = None
 
     def scale_batch_size(self, trainer: Trainer, pl_module: LightningModule) -> None:
         check_not_distributed(trainer)
         initial = lightning_getattr(pl_module, "batch_size")
+        self.before_margin = self.untried_corrected_from = None
         rng = _rng_state()
-        recorder = TrialRecorder(pl_module.device)
+        self._settled = False
+        recorder = TrialRecorder(pl_module.device, lambda returned: self._settle(pl_module, recorder, returned))
+        ends_the_run = False
         try:
             with recorder:
                 try:
                     super().scale_batch_size(trainer, pl_module)
                 except _TunerExitException:  # the search ended and `batchlab tune` stops here
-                    self._finish(pl_module, recorder)
+                    ends_the_run = True
+                    self._settle(pl_module, recorder, self.optimal_batch_size)
                     raise
-                self._finish(pl_module, recorder)
+                self._settle(pl_module, recorder, self.optimal_batch_size)
         finally:
             _set_rng_state(rng)
             self.result = self._describe(trainer, pl_module, initial, recorder)
-            log_hparams(trainer, {"batch_size": self.result["batch_size"], "batch_size_initial": initial})
+            sizes = {"batch_size": self.result["batch_size"], "batch_size_initial": initial}
+            if ends_the_run:
+                # Nothing else reports this run, so its HParams session is the search's, against what the search
+                # measured (TensorBoard writes no session without a metric). Logged here, before Lightning closes
+                # the logger on its way out of the fit.
+                log_hparams(trainer, run_hparams(trainer, pl_module, **sizes), metrics=search_metrics(self.result))
+            else:
+                # A fit follows: RunSummary logs its session at the end, against the fit's metrics; until then
+                # the logger and hparams.yaml hold the size found instead of the configured one.
+                log_hparams(trainer, sizes)
 
-    def _finish(self, pl_module: LightningModule, recorder: TrialRecorder) -> None:
-        """Complete the trial list, and never leave the model with a size above max_val that was never tried:
-        Lightning's power search can return the double of the last size below the cap."""
-        recorder.finish()
-        found = self.optimal_batch_size
-        largest_ok = max((t["batch_size"] for t in recorder.trials if t["ok"]), default=None)
-        self.corrected_from = None
-        if found is not None and found > self._max_val and largest_ok is not None:
-            self.corrected_from, self.optimal_batch_size = found, largest_ok
-            lightning_setattr(pl_module, "batch_size", largest_ok)
+    def _settle(self, pl_module: LightningModule, recorder: TrialRecorder, returned: Optional[int]) -> None:
+        """Complete the trial list and never recommend a size that was never tried.
+
+        Lightning's finder never runs ``max_val`` itself (it stops when the next size reaches it) yet returns it, or
+        in power mode the double of the last size below it, and ``binsearch`` then takes the margin off that. A
+        size that never ran is not known to fit, so the found size is then based on the largest size that ran.
+
+        First called when Lightning says the search is finished: the module's batch size must be right before
+        Lightning builds the fit's dataloaders from it (as Lightning sets it after its own margin), or a fit after
+        the search would train with Lightning's answer while reporting this one. Called again once the search has
+        returned, to put the size back after Lightning sets ``optimal_batch_size`` to its own answer.
+        """
+        if not self._settled:
+            self._settled = True
+            recorder.finish()
+            self._found = self._tried_size(recorder, returned)
+            if self._found != returned:
+                lightning_setattr(pl_module, "batch_size", self._found)
+        self.optimal_batch_size = self._found
+
+    def _tried_size(self, recorder: TrialRecorder, returned: Optional[int]) -> Optional[int]:
+        """The size found from Lightning's answer ``returned``: its own, or one based on the largest that ran."""
+        self.before_margin = recorder.before_margin
+        answer = recorder.before_margin or returned  # Lightning's answer before its margin
+        ran = {t["batch_size"] for t in recorder.trials if t["ok"]}
+        base = max((s for s in ran if answer is not None and s <= answer), default=None)
+        if answer is None or answer in ran or base is None:
+            return returned  # its answer ran, or none did (all out of memory): nothing to fall back on
+        self.untried_corrected_from, self.before_margin = answer, None
+        margin = self.settings["margin"]
+        if self.settings["mode"] != "binsearch" or margin == 0:
+            return base
+        # Lightning's own margin arithmetic (batch_size_scaling._run_binsearch_scaling), on the size that ran.
+        found = max(1, int(base * (1 - margin)))
+        self.before_margin = base if found != base else None
+        return found
 
     def _describe(
         self, trainer: Trainer, pl_module: LightningModule, initial: int, recorder: TrialRecorder
@@ -220,21 +272,35 @@ class BatchSizeSearch(BatchSizeFinder):
             "trials": trials,
             "largest_ok": max((t["batch_size"] for t in trials if t["ok"]), default=None),
             "found_was_tried": found in tried,
-            "before_margin": recorder.before_margin,
-            "above_max_val_corrected_from": getattr(self, "corrected_from", None),
+            "before_margin": self.before_margin,
+            "untried_corrected_from": self.untried_corrected_from,
             "dataset_size": dataset_size,
             "device": device_name(pl_module.device),
             "memory_limited": any(not t["ok"] for t in trials),
         }
 
 
+def search_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """What a search measured, as the metrics of its TensorBoard HParams session."""
+    metrics = {"hp/largest_batch_tried": result["largest_ok"], "hp/trials": len(result["trials"])}
+    ran = [t for t in result["trials"] if t["ok"] and t["batch_size"] == result["largest_ok"]]
+    if ran and "peak_memory_bytes" in ran[-1]:
+        metrics["hp/peak_memory_mib"] = ran[-1]["peak_memory_bytes"] / 2**20
+    return {k: v for k, v in metrics.items() if v is not None}
+
+
 def check_not_distributed(trainer: Trainer) -> None:
     """Lightning's finder refuses distributed strategies; say so before any process is launched."""
-    check(
-        not isinstance(trainer.strategy, ParallelStrategy),
-        f"the batch-size finder does not run under strategy={type(trainer.strategy).__name__} "
-        f"(devices={trainer.num_devices}, num_nodes={trainer.num_nodes}): Lightning refuses distributed "
-        "strategies; search on one device (--trainer.devices 1) and scale the result",
+    if not isinstance(trainer.strategy, ParallelStrategy):
+        return
+    kind = type(trainer.strategy).__name__
+    # What the user wrote (``ddp_spawn``, or ``auto`` that became DDP on two devices) where batchlab's Trainer kept it.
+    passed = getattr(trainer, "init_kwargs", {}).get("strategy")
+    strategy = f"{passed!r} ({kind}, " if isinstance(passed, str) else f"{kind} ("
+    raise ConfigError(
+        f"the batch-size finder does not run under strategy={strategy}devices={trainer.num_devices}, "
+        f"num_nodes={trainer.num_nodes}): Lightning refuses distributed strategies; search on one device "
+        "(--trainer.devices 1 --trainer.strategy auto) and scale the result"
     )
 
 
@@ -248,7 +314,7 @@ def format_tune(result: dict[str, Any], path: Optional[Path] = None) -> str:
         "max_trials": f"it used all max_trials={result['max_trials']} trials",
     }[reason]
     start = result["trials"][0]["batch_size"] if result["trials"] else result["batch_size_initial"]
-    lines = ["", "batchlab tune", f"  batch size found   {found} ({result['mode']} search, from {start})",
+    lines = ["", "batchlab tune", f"  batch size found   {found} (--mode {result['mode']}, starting at {start})",
              f"  stopped because    {reason}: {why}"]
     if result["effective_batch_size"] != found:
         lines.append(
@@ -258,17 +324,26 @@ def format_tune(result: dict[str, Any], path: Optional[Path] = None) -> str:
     for t in result["trials"]:
         memory = f", peak {t['peak_memory_bytes'] / 2**20:,.0f} MiB" if "peak_memory_bytes" in t else ""
         lines.append(f"  trial              {t['batch_size']:>8} {'ok' if t['ok'] else 'out of memory'}{memory}")
-    if result.get("above_max_val_corrected_from"):
+    corrected, max_val, largest = result.get("untried_corrected_from"), result["max_val"], result["largest_ok"]
+    if corrected:
+        base = result["before_margin"] or found
+        why = ("it stops before max_val" if corrected == max_val
+               else f"above max_val={max_val}" if corrected > max_val else "")
         lines.append(
-            f"  corrected          Lightning returned {result['above_max_val_corrected_from']}, above "
-            f"max_val={result['max_val']} and never tried; the largest size tried is used instead"
+            f"  untried            Lightning's finder returned {corrected} but never tried it"
+            + (f" ({why})" if why else "") + f"; {base}, the largest size tried, is used instead"
         )
+        if corrected == max_val:
+            raise_it = "--max_val above it" if result["mode"] == "binsearch" or max_val < POWER_CAP else (
+                "--max_val above it with --mode binsearch --margin 0")
+            lines.append(f"                     to have {max_val} tried, raise {raise_it}")
     if result["before_margin"]:
         lines.append(
             f"  margin             {result['before_margin']} less the {result['margin']:.0%} margin gives {found}"
         )
     elif not result["found_was_tried"]:
-        lines.append(f"  note               {found} itself was not tried: Lightning's finder stops before trying its cap")
+        tried = f"the largest size tried was {largest}" if largest else "no size tried ran"
+        lines.append(f"  untried            {found} itself was never tried: {tried}")
     lines.append(f"  device             {result['device']}")
     if not result["memory_limited"]:
         largest = result["largest_ok"]
