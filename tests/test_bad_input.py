@@ -93,6 +93,12 @@ ONE_COMMAND = [
     ("tune", ["--mode", "foo"], "mode='foo' is not allowed"),
     ("tune", ["--init_val", "abc"], "init_val='abc' is not allowed: use an integer"),
     ("tune", ["--init_val", "64", "--max_val", "8"], "init_val=64 is not below max_val=8"),
+    # Lightning would train nothing, say "No training batches" and exit 0.
+    ("fit", ["--data.batch_size", "10", "--data.drop_last", "true"],
+     "batch_size=10 with drop_last=true leaves no training batch: the training split has 4 samples; "
+     "use batch_size <= 4, or drop_last false"),
+    ("tune", ["--data.batch_size", "5", "--data.drop_last", "true"],
+     "batch_size=5 with drop_last=true leaves no training batch"),
 ]
 
 # validate, test and predict also load the earlier run's checkpoint, as they would in use.

@@ -147,6 +147,17 @@ def test_a_batch_larger_than_the_data_trains_one_batch_per_epoch(batchlab, tmp_p
     assert summary["steps"] == 3 and summary["samples_seen"] == 12
 
 
+def test_with_drop_last_a_batch_of_the_whole_split_trains_and_the_finder_still_stops_at_the_data(batchlab, tmp_path):
+    result = batchlab("fit", "-c", SEED, *QUIET, "--data.batch_size", "4", "--data.drop_last", "true",
+                      "--trainer.max_epochs", "3")
+    assert result.code == 0, result.err
+    assert load_summary(run_dirs(tmp_path)[0])["steps"] == 3
+    # The finder's trials go past the data (3, then 6 of 4 samples): the refusal must not be in their way.
+    result = batchlab("tune", "-c", SEED, *QUIET, "--data.drop_last", "true", "--init_val", "3")
+    assert result.code == 0, result.err
+    assert "stopped because    dataset_size" in result.out
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_fit_runs_on_each_available_device(batchlab, tmp_path, device):
     result = batchlab("fit", "-c", SEED, *QUIET, "--trainer.accelerator", device, "--trainer.max_epochs", "5")

@@ -32,7 +32,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer.states import RunningStage
 
 from batchlab.errors import ConfigError, RunInterrupted, signal_of
-from batchlab.preflight import check_checkpoint, check_config_files, check_run
+from batchlab.preflight import check_checkpoint, check_config_files, check_run, check_training_batches
 from batchlab.stopping import StopTogether, noting_signals
 from batchlab.summary import PredictionPrinter, RunSummary, format_summary, global_seed
 from batchlab.tune import BatchSizeSearch, check_not_distributed, format_tune, run_tune, write_tune
@@ -251,6 +251,9 @@ class BatchlabCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         check_run(self.trainer)
+        # Only these train at the configured batch size; a study sets its own sizes, within the training split.
+        if self.subcommand in ("fit", "tune"):
+            check_training_batches(self.datamodule, self.trainer)
 
     def _subcommand_config(self) -> Any:
         return self.config_init[self.subcommand] if self.subcommand else self.config_init

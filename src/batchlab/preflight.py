@@ -13,6 +13,8 @@ Lightning would otherwise say too little or go wrong late:
   folder, or that is not a checkpoint, which ``torch.load`` refuses with a traceback;
 - a run folder that cannot be created (read-only, or under a file), which Lightning finds mid-setup with a
   traceback;
+- a batch size that leaves no training batch (``drop_last`` and a batch larger than each device's share of the
+  training split), where Lightning would train nothing, say only "No training batches" and exit 0;
 - a run folder that already holds a run (an explicit ``--trainer.logger.init_args.version``, or no logger and a
   used ``default_root_dir``): Lightning's logger writes into it and LightningCLI then stops on ``config.yaml``.
   batchlab never writes over an earlier run.
@@ -31,6 +33,7 @@ import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from batchlab.data import ToyRegressionData
 from batchlab.errors import ConfigError, check
 from batchlab.summary import run_dir
 
@@ -70,6 +73,12 @@ def check_run(trainer: Trainer) -> None:
     # created the folder and would find it taken.
     if trainer.is_global_zero:
         check_run_folder(trainer)
+
+
+def check_training_batches(datamodule: Any, trainer: Trainer) -> None:
+    """Raise ``ConfigError`` where the data as configured gives this trainer's devices no training batch."""
+    if isinstance(datamodule, ToyRegressionData):
+        datamodule.check_training_batches(trainer.world_size)
 
 
 def check_trainer_settings(trainer: Trainer) -> None:
