@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICES, QUIET, SEED, hparams_plugin, load_summary, run_dirs, scalars
+from conftest import DEVICES, QUIET, SEED, STUDY, hparams_plugin, load_summary, run_command, run_dirs, scalars
 
 from batchlab import notebook
 from batchlab.data import ToyRegressionData
@@ -199,8 +199,37 @@ def test_the_installed_command_exits_2_without_a_traceback(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("batchlab: error: batch_size=0 is not allowed")
-    assert "Traceback" not in proc.stderr
+    # The one line alone: Lightning's "Seed set to 0", logged before the data is built, is not shown.
+    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("batchlab: error: batch_size=0 is not allowed")
+
+
+# As subprocesses: under pytest, Lightning's loggers write to pytest's handlers, not to the terminal.
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # Checked once the Trainer is built, after Lightning has said which devices it found and warned about
+        # the precision (a fit's bad input: test_the_installed_command_exits_2_without_a_traceback).
+        (["tune", "-c", SEED, "--trainer.precision", "16", "--max_val", "0"], "max_val=0 is not allowed"),
+        (["study", "-c", STUDY, "--grid", "[100000]"], "grid entries [100000] are above the cap"),
+    ],
+    ids=["tune", "study"],
+)
+def test_bad_input_prints_its_error_line_and_nothing_else(tmp_path, args, message):
+    proc = run_command(tmp_path, *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("batchlab: error: ") and message in lines[0], lines
+
+
+def test_a_run_that_starts_still_shows_lightnings_start_up_lines(tmp_path):
+    proc = run_command(tmp_path, "fit", "-c", SEED, *QUIET, "--trainer.max_epochs", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    seed = lines.index("Seed set to 0")
+    devices = next(i for i, line in enumerate(lines) if line.startswith("GPU available: "))
+    stopped = next(i for i, line in enumerate(lines) if line.startswith("`Trainer.fit` stopped"))
+    assert seed < devices < stopped, lines
 
 
 def test_trainers_training_flag_answers_as_lightnings_for_every_stage():

@@ -27,11 +27,11 @@ import yaml
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer.states import RunningStage
 
-from batchlab.errors import ConfigError, RunInterrupted, signal_of
+from batchlab.errors import STARTUP_LINES, ConfigError, RunInterrupted, signal_of
 from batchlab.preflight import check_checkpoint, check_config_files, check_run, check_training_batches
 from batchlab.stopping import StopTogether, noting_signals
 from batchlab.summary import PredictionPrinter, RunSummary, format_summary, global_seed
@@ -45,6 +45,14 @@ class BatchlabParser(LightningArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("exit_on_error", False)
         super().__init__(*args, **kwargs)
+
+
+class ShowStartupLines(Callback):
+    """Shows Lightning's start-up lines, held by ``main``, once a run is set up: its input has passed every check
+    made before it (the tune command's options included)."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        STARTUP_LINES.show()
 
 
 class BatchlabTrainer(Trainer):
@@ -234,6 +242,7 @@ class BatchlabCLI(LightningCLI):
             callback.save_on_exception = trainer.world_size == 1
         if trainer.world_size > 1:
             trainer.callbacks.append(StopTogether(checkpoints=own))
+        trainer.callbacks.append(ShowStartupLines())
         return trainer
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -372,6 +381,7 @@ def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``batchlab`` command."""
     _quiet_lightning()
     args = _expand_switches(sys.argv[1:] if args is None else list(args))
+    STARTUP_LINES.hold()
     try:
         make_cli(args)
     except (ConfigError, ArgumentError, MisconfigurationException, FileNotFoundError) as err:
@@ -392,11 +402,16 @@ def main(args: Optional[list[str]] = None) -> None:
             raise
         _fail(one_line(cause))
     except KeyboardInterrupt:  # Ctrl+C before or after a fit, where Lightning does not handle it
+        STARTUP_LINES.show()
         print("batchlab: interrupted", file=sys.stderr)
         sys.exit(RunInterrupted("SIGINT", None).exit_code)
+    finally:
+        # Whatever ended the command before it ran (--help, a traceback) shows them, as Lightning would have.
+        STARTUP_LINES.show()
 
 
 def _fail(message: str) -> None:
+    STARTUP_LINES.drop()
     print(f"batchlab: error: {message}", file=sys.stderr)
     sys.exit(2)
 
