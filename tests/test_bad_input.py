@@ -53,7 +53,10 @@ EVERY_COMMAND = [
     (["--data.val_fraction", "1.5"], "val_fraction=1.5 is not allowed: use a number in [0, 1)"),
     (["--data.no_such_key", "1"], "no_such_key"),
     (["-c", "unknown.yaml"], "no_such_key"),
-    (["-c", "missing.yaml"], "missing.yaml"),
+    (["-c", "missing.yaml"],
+     "config='missing.yaml' is not allowed: there is no such file; pass the path of a YAML file "
+     "(e.g. configs/seed.yaml)"),
+    (["--config=runs"], "config='runs' is not allowed: it is a folder, not a file; pass the path of a YAML file"),
     (["-c", "broken.yaml"], "config='broken.yaml' is not allowed: it is not valid YAML at line 2"),
     (["-c", "typed.yaml"], "data.batch_size='many' is not allowed: use an integer"),
     (["-c", "nan.yaml"], "noise=nan is not allowed: use a finite number >= 0"),

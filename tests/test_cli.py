@@ -193,6 +193,12 @@ def test_bad_input_is_a_one_line_error_with_exit_2(batchlab, args, message):
     assert "Traceback" not in result.err + result.out
 
 
+def test_a_config_given_inline_rather_than_as_a_file_is_still_read(batchlab, tmp_path):
+    result = batchlab("fit", "-c", SEED, *QUIET, "-c", '{"trainer": {"max_epochs": 1}}')
+    assert result.code == 0, result.err
+    assert load_summary(run_dirs(tmp_path)[0])["epochs"] == 1
+
+
 def test_the_installed_command_exits_2_without_a_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "batchlab.cli", "fit", "-c", SEED, "--data.batch_size", "0"],

@@ -6,7 +6,8 @@ while nothing has been written yet.
 hyperparameters) and ``check_run(trainer)`` once the trainer is built. Each covers a case where jsonargparse or
 Lightning would otherwise say too little or go wrong late:
 
-- a config file that is not YAML, which jsonargparse reports without naming the file;
+- a config file that is missing, which jsonargparse reports without saying what to give instead, or that is not
+  YAML, which jsonargparse reports without naming the file;
 - settings the Trainer accepts and fails on mid-run, with a traceback (``accumulate_grad_batches=0`` divides by
   zero at the first step) or silently (a negative ``gradient_clip_val`` flips the gradients);
 - a checkpoint that is missing, which Lightning finds only after the logger has started writing a new run
@@ -44,10 +45,16 @@ CKPT_WORDS = ("last", "best", "hpc")
 
 
 def check_config_files(args: Sequence[str]) -> None:
-    """Refuse a config file given with ``-c``/``--config`` that is not YAML, naming it and where it breaks."""
+    """Refuse a config file given with ``-c``/``--config`` that is missing or not YAML, naming it and where it
+    breaks."""
     for path in _config_files(args):
         if not Path(path).is_file():
-            continue  # jsonargparse names a missing file itself
+            if _inline_config(path):
+                continue  # jsonargparse also takes the configuration itself: -c '{trainer: {max_epochs: 1}}'
+            problem = "it is a folder, not a file" if Path(path).is_dir() else "there is no such file"
+            raise ConfigError(
+                f"config={path!r} is not allowed: {problem}; pass the path of a YAML file (e.g. configs/seed.yaml)"
+            )
         try:
             yaml.safe_load(Path(path).read_text())
         except yaml.YAMLError as err:
@@ -55,6 +62,13 @@ def check_config_files(args: Sequence[str]) -> None:
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ConfigError(f"config={path!r} is not allowed: it is not valid YAML{where} ({problem})") from None
+
+
+def _inline_config(value: str) -> bool:
+    try:
+        return isinstance(yaml.safe_load(value), dict)
+    except yaml.YAMLError:
+        return False
 
 
 def _config_files(args: Sequence[str]) -> Iterator[str]:
