@@ -172,6 +172,9 @@ BAD_INPUT = [
     (["--data.batch_size", "-3"], "batch_size=-3"),
     (["--data.batch_size", "abc"], "data.batch_size='abc'"),
     (["--data.batch_size", "1.5"], "data.batch_size='1.5'"),
+    # As typed, not as jsonargparse parsed them (1000.0, True).
+    (["--data.batch_size", "1e3"], "data.batch_size='1e3' is not allowed: use an integer"),
+    (["--data.init_args.batch_size=true"], "data.batch_size='true' is not allowed: use an integer"),
     (["--data.n_samples", "0"], "n_samples=0"),
     (["--data.noise", "-1"], "noise=-1.0"),
     (["--data.val_fraction", "1.5"], "val_fraction=1.5"),

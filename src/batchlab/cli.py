@@ -21,6 +21,7 @@ import logging
 import re
 import sys
 import warnings
+from collections.abc import Sequence
 from typing import Any, Literal, Optional
 
 import yaml
@@ -385,7 +386,7 @@ def main(args: Optional[list[str]] = None) -> None:
     try:
         make_cli(args)
     except (ConfigError, ArgumentError, MisconfigurationException, FileNotFoundError) as err:
-        _fail(one_line(err))
+        _fail(one_line(err, args))
     except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as err:
         # A path that cannot be used, should one get past batchlab.preflight's checks.
         _fail(f"{err.filename!r} cannot be used: {err.strerror}" if err.filename else one_line(err))
@@ -447,12 +448,13 @@ _TYPE_NAMES = {
 }
 
 
-def one_line(err: BaseException) -> str:
-    """Condense an error message (jsonargparse's are several indented lines) into one readable line."""
-    return _condense(str(err).strip())
+def one_line(err: BaseException, args: Sequence[str] = ()) -> str:
+    """Condense an error message (jsonargparse's are several indented lines) into one readable line; a bad value
+    given by a flag in ``args`` is quoted as typed there."""
+    return _condense(str(err).strip(), args=args)
 
 
-def _condense(text: str, prefix: str = "") -> str:
+def _condense(text: str, prefix: str = "", args: Sequence[str] = ()) -> str:
     m = re.match(r'Parser key "([^"]+)":\s*(.*)', text, re.S)
     if not m:
         line = _flat(text)
@@ -471,7 +473,7 @@ def _condense(text: str, prefix: str = "") -> str:
             return f"{key}: {_flat(inner)}"
         class_path, problem = given.group(1), given.group(2).strip()
         if problem.startswith("Parser key"):
-            return _condense(problem, key + ".")
+            return _condense(problem, key + ".", args)
         option = re.match(r"Option '(\w+)' is not accepted", problem)
         if option:
             return f"{key}.{option.group(1)} is not an option of {class_path} (--help lists the accepted keys)"
@@ -486,8 +488,31 @@ def _condense(text: str, prefix: str = "") -> str:
             # jsonargparse refuses NaN and infinity as floats; say that it is the value, not its type.
             expected = ["a finite number" if e == "a number" else e for e in expected]
         allowed = " or ".join(dict.fromkeys(expected))
-        return f"{key}={value.group(1).strip()!r} is not allowed: use {allowed}"
+        return f"{key}={_as_typed(key, value.group(1).strip(), args)!r} is not allowed: use {allowed}"
     return f"{key}: {_flat(rest)}"
+
+
+def _as_typed(key: str, value: str, args: Sequence[str]) -> str:
+    """``value`` as the user typed it where a flag for ``key`` gave it: jsonargparse reports the value it parsed
+    (``1e3`` as 1000.0, ``true`` as True)."""
+    head, _, tail = key.partition(".")
+    flags = {f"--{key}", f"--{head}.init_args.{tail}"}
+    typed = None
+    for i, arg in enumerate(args):  # the last one given is the one parsed
+        name, eq, rest = arg.partition("=")
+        if name in flags:
+            typed = rest if eq else (args[i + 1] if i + 1 < len(args) else None)
+    if typed is None:
+        return value
+    # Only where the report is the typed value parsed: a list is reported by its bad element (x_range=[0, inf] as
+    # 'inf', which says more), and a config file read after the flag may have given the value instead.
+    parsed = {typed}
+    for parse in (yaml.safe_load, float):
+        try:
+            parsed.add(str(parse(typed)))
+        except (yaml.YAMLError, ValueError):
+            pass
+    return typed if value in parsed else value
 
 
 def _flat(text: str) -> str:
