@@ -102,6 +102,7 @@ ONE_COMMAND = [
      "use batch_size <= 4, or drop_last false"),
     ("tune", ["--data.batch_size", "5", "--data.drop_last", "true"],
      "batch_size=5 with drop_last=true leaves no training batch"),
+    ("test", [], "there is no test split: set --data.test_fraction above 0 (e.g. 0.2)"),
 ]
 
 # validate, test and predict also load the earlier run's checkpoint, as they would in use.

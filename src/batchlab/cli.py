@@ -33,7 +33,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer.states import RunningStage
 
 from batchlab.errors import STARTUP_LINES, ConfigError, RunInterrupted, signal_of
-from batchlab.preflight import check_checkpoint, check_config_files, check_run, check_training_batches
+from batchlab.preflight import check_checkpoint, check_config_files, check_data, check_run
 from batchlab.stopping import StopTogether, noting_signals
 from batchlab.summary import PredictionPrinter, RunSummary, format_summary, global_seed
 from batchlab.tune import BatchSizeSearch, check_not_distributed, format_tune, run_tune, write_tune
@@ -261,9 +261,7 @@ class BatchlabCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         check_run(self.trainer)
-        # Only these train at the configured batch size; a study sets its own sizes, within the training split.
-        if self.subcommand in ("fit", "tune"):
-            check_training_batches(self.datamodule, self.trainer)
+        check_data(self.datamodule, self.trainer, self.subcommand)
 
     def _subcommand_config(self) -> Any:
         return self.config_init[self.subcommand] if self.subcommand else self.config_init

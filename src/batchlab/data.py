@@ -362,6 +362,10 @@ class ToyRegressionData(LightningDataModule):
                 f"{share}; use batch_size <= {rows}, or drop_last false"
             )
 
+    def check_test_split(self) -> None:
+        """Raise ``ConfigError`` where there is no test split to test on."""
+        check(self.hparams.test_fraction > 0, "there is no test split: set --data.test_fraction above 0 (e.g. 0.2)")
+
     def train_dataloader(self) -> TensorBatches:
         rows = math.ceil(len(self.splits["train"][0]) / self._rank_and_world()[1])
         if self.batch_size > rows:
@@ -377,7 +381,7 @@ class ToyRegressionData(LightningDataModule):
         return self._batches("val", self._eval_batch_size())
 
     def test_dataloader(self) -> TensorBatches:
-        check("test" in self.splits, "there is no test split: set --data.test_fraction above 0 (e.g. 0.2)")
+        self.check_test_split()
         return self._batches("test", self._eval_batch_size())
 
     def predict_dataloader(self) -> TensorBatches:

@@ -16,6 +16,7 @@ Lightning would otherwise say too little or go wrong late:
   traceback;
 - a batch size that leaves no training batch (``drop_last`` and a batch larger than each device's share of the
   training split), where Lightning would train nothing, say only "No training batches" and exit 0;
+- ``batchlab test`` without a test split, which the test dataloader finds only once the run folder is written;
 - a run folder that already holds a run (an explicit ``--trainer.logger.init_args.version``, or no logger and a
   used ``default_root_dir``): Lightning's logger writes into it and LightningCLI then stops on ``config.yaml``.
   batchlab never writes over an earlier run.
@@ -89,10 +90,16 @@ def check_run(trainer: Trainer) -> None:
         check_run_folder(trainer)
 
 
-def check_training_batches(datamodule: Any, trainer: Trainer) -> None:
-    """Raise ``ConfigError`` where the data as configured gives this trainer's devices no training batch."""
-    if isinstance(datamodule, ToyRegressionData):
+def check_data(datamodule: Any, trainer: Trainer, subcommand: Optional[str]) -> None:
+    """Raise ``ConfigError`` where the data as configured gives the command nothing to run on: no training batch
+    on this trainer's devices for ``fit`` and ``tune`` (a study sets its own batch sizes, within the training
+    split), no test split for ``test``."""
+    if not isinstance(datamodule, ToyRegressionData):
+        return
+    if subcommand in ("fit", "tune"):
         datamodule.check_training_batches(trainer.world_size)
+    elif subcommand == "test":
+        datamodule.check_test_split()
 
 
 def check_trainer_settings(trainer: Trainer) -> None:
