@@ -53,7 +53,10 @@ EVERY_COMMAND = [
     (["--data.val_fraction", "1.5"], "val_fraction=1.5 is not allowed: use a number in [0, 1)"),
     (["--data.no_such_key", "1"], "no_such_key"),
     (["-c", "unknown.yaml"], "no_such_key"),
-    (["-c", "missing.yaml"], "missing.yaml"),
+    (["-c", "missing.yaml"],
+     "config='missing.yaml' is not allowed: there is no such file; pass the path of a YAML file "
+     "(e.g. configs/seed.yaml)"),
+    (["--config=runs"], "config='runs' is not allowed: it is a folder, not a file; pass the path of a YAML file"),
     (["-c", "broken.yaml"], "config='broken.yaml' is not allowed: it is not valid YAML at line 2"),
     (["-c", "typed.yaml"], "data.batch_size='many' is not allowed: use an integer"),
     (["-c", "nan.yaml"], "noise=nan is not allowed: use a finite number >= 0"),
@@ -93,6 +96,13 @@ ONE_COMMAND = [
     ("tune", ["--mode", "foo"], "mode='foo' is not allowed"),
     ("tune", ["--init_val", "abc"], "init_val='abc' is not allowed: use an integer"),
     ("tune", ["--init_val", "64", "--max_val", "8"], "init_val=64 is not below max_val=8"),
+    # Lightning would train nothing, say "No training batches" and exit 0.
+    ("fit", ["--data.batch_size", "10", "--data.drop_last", "true"],
+     "batch_size=10 with drop_last=true leaves no training batch: the training split has 4 samples; "
+     "use batch_size <= 4, or drop_last false"),
+    ("tune", ["--data.batch_size", "5", "--data.drop_last", "true"],
+     "batch_size=5 with drop_last=true leaves no training batch"),
+    ("test", [], "there is no test split: set --data.test_fraction above 0 (e.g. 0.2)"),
 ]
 
 # validate, test and predict also load the earlier run's checkpoint, as they would in use.

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICES, QUIET, SEED, hparams_plugin, load_summary, run_dirs, scalars
+from conftest import DEVICES, QUIET, SEED, STUDY, hparams_plugin, load_summary, run_command, run_dirs, scalars
 
 from batchlab import notebook
 from batchlab.data import ToyRegressionData
@@ -147,6 +147,17 @@ def test_a_batch_larger_than_the_data_trains_one_batch_per_epoch(batchlab, tmp_p
     assert summary["steps"] == 3 and summary["samples_seen"] == 12
 
 
+def test_with_drop_last_a_batch_of_the_whole_split_trains_and_the_finder_still_stops_at_the_data(batchlab, tmp_path):
+    result = batchlab("fit", "-c", SEED, *QUIET, "--data.batch_size", "4", "--data.drop_last", "true",
+                      "--trainer.max_epochs", "3")
+    assert result.code == 0, result.err
+    assert load_summary(run_dirs(tmp_path)[0])["steps"] == 3
+    # The finder's trials go past the data (3, then 6 of 4 samples): the refusal must not be in their way.
+    result = batchlab("tune", "-c", SEED, *QUIET, "--data.drop_last", "true", "--init_val", "3")
+    assert result.code == 0, result.err
+    assert "stopped because    dataset_size" in result.out
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_fit_runs_on_each_available_device(batchlab, tmp_path, device):
     result = batchlab("fit", "-c", SEED, *QUIET, "--trainer.accelerator", device, "--trainer.max_epochs", "5")
@@ -161,6 +172,9 @@ BAD_INPUT = [
     (["--data.batch_size", "-3"], "batch_size=-3"),
     (["--data.batch_size", "abc"], "data.batch_size='abc'"),
     (["--data.batch_size", "1.5"], "data.batch_size='1.5'"),
+    # As typed, not as jsonargparse parsed them (1000.0, True).
+    (["--data.batch_size", "1e3"], "data.batch_size='1e3' is not allowed: use an integer"),
+    (["--data.init_args.batch_size=true"], "data.batch_size='true' is not allowed: use an integer"),
     (["--data.n_samples", "0"], "n_samples=0"),
     (["--data.noise", "-1"], "noise=-1.0"),
     (["--data.val_fraction", "1.5"], "val_fraction=1.5"),
@@ -182,14 +196,49 @@ def test_bad_input_is_a_one_line_error_with_exit_2(batchlab, args, message):
     assert "Traceback" not in result.err + result.out
 
 
+def test_a_config_given_inline_rather_than_as_a_file_is_still_read(batchlab, tmp_path):
+    result = batchlab("fit", "-c", SEED, *QUIET, "-c", '{"trainer": {"max_epochs": 1}}')
+    assert result.code == 0, result.err
+    assert load_summary(run_dirs(tmp_path)[0])["epochs"] == 1
+
+
 def test_the_installed_command_exits_2_without_a_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "batchlab.cli", "fit", "-c", SEED, "--data.batch_size", "0"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("batchlab: error: batch_size=0 is not allowed")
-    assert "Traceback" not in proc.stderr
+    # The one line alone: Lightning's "Seed set to 0", logged before the data is built, is not shown.
+    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("batchlab: error: batch_size=0 is not allowed")
+
+
+# As subprocesses: under pytest, Lightning's loggers write to pytest's handlers, not to the terminal.
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # Checked once the Trainer is built, after Lightning has said which devices it found and warned about
+        # the precision (a fit's bad input: test_the_installed_command_exits_2_without_a_traceback).
+        (["tune", "-c", SEED, "--trainer.precision", "16", "--max_val", "0"], "max_val=0 is not allowed"),
+        (["study", "-c", STUDY, "--grid", "[100000]"], "grid entries [100000] are above the cap"),
+    ],
+    ids=["tune", "study"],
+)
+def test_bad_input_prints_its_error_line_and_nothing_else(tmp_path, args, message):
+    proc = run_command(tmp_path, *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("batchlab: error: ") and message in lines[0], lines
+
+
+def test_a_run_that_starts_still_shows_lightnings_start_up_lines(tmp_path):
+    proc = run_command(tmp_path, "fit", "-c", SEED, *QUIET, "--trainer.max_epochs", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    seed = lines.index("Seed set to 0")
+    devices = next(i for i, line in enumerate(lines) if line.startswith("GPU available: "))
+    stopped = next(i for i, line in enumerate(lines) if line.startswith("`Trainer.fit` stopped"))
+    assert seed < devices < stopped, lines
 
 
 def test_trainers_training_flag_answers_as_lightnings_for_every_stage():

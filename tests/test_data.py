@@ -141,6 +141,25 @@ def test_a_batch_larger_than_the_data_trains_one_batch_per_epoch_with_a_warning(
     assert [len(b[0]) for b in loader] == [4]
 
 
+def test_with_drop_last_a_batch_larger_than_each_devices_share_is_refused_and_warned_about_truthfully():
+    ToyRegressionData(batch_size=4, drop_last=True).check_training_batches()
+    with pytest.raises(ConfigError, match=r"batch_size=5 with drop_last=true .* 4 samples; use batch_size <= 4"):
+        ToyRegressionData(batch_size=5, drop_last=True).check_training_batches()
+    # 7 samples on 2 devices: 4 per device, the last padded as DistributedSampler pads it.
+    ToyRegressionData(n_samples=7, batch_size=4, drop_last=True).check_training_batches(world_size=2)
+    with pytest.raises(ConfigError, match="7 samples, 4 per device on 2 devices; use batch_size <= 4"):
+        ToyRegressionData(n_samples=7, batch_size=5, drop_last=True).check_training_batches(world_size=2)
+    # Held-out splits leave fewer training samples.
+    with pytest.raises(ConfigError, match="the training split has 8 samples"):
+        ToyRegressionData(n_samples=10, val_fraction=0.2, batch_size=9, drop_last=True).check_training_batches()
+    ToyRegressionData(batch_size=10).check_training_batches()  # without drop_last: one batch of 4
+    # The finder builds the loader past the data; the loader only warns, and says what happens.
+    dm = _setup(ToyRegressionData(batch_size=8, drop_last=True))
+    with pytest.warns(UserWarning, match="each epoch trains no batch"):
+        loader = dm.train_dataloader()
+    assert list(loader) == []
+
+
 def test_eval_batch_size_defaults_to_the_training_batch_size():
     dm = _setup(ToyRegressionData(n_samples=100, batch_size=8, val_fraction=0.2))
     assert [len(b[0]) for b in dm.val_dataloader()] == [8, 8, 4]

@@ -21,18 +21,19 @@ import logging
 import re
 import sys
 import warnings
+from collections.abc import Sequence
 from typing import Any, Literal, Optional
 
 import yaml
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer.states import RunningStage
 
-from batchlab.errors import ConfigError, RunInterrupted, signal_of
-from batchlab.preflight import check_checkpoint, check_config_files, check_run
+from batchlab.errors import STARTUP_LINES, ConfigError, RunInterrupted, signal_of
+from batchlab.preflight import check_checkpoint, check_config_files, check_data, check_run
 from batchlab.stopping import StopTogether, noting_signals
 from batchlab.summary import PredictionPrinter, RunSummary, format_summary, global_seed
 from batchlab.tune import BatchSizeSearch, check_not_distributed, format_tune, run_tune, write_tune
@@ -45,6 +46,14 @@ class BatchlabParser(LightningArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("exit_on_error", False)
         super().__init__(*args, **kwargs)
+
+
+class ShowStartupLines(Callback):
+    """Shows Lightning's start-up lines, held by ``main``, once a run is set up: its input has passed every check
+    made before it (the tune command's options included)."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        STARTUP_LINES.show()
 
 
 class BatchlabTrainer(Trainer):
@@ -235,6 +244,7 @@ class BatchlabCLI(LightningCLI):
             callback.save_on_exception = trainer.world_size == 1
         if trainer.world_size > 1:
             trainer.callbacks.append(StopTogether(checkpoints=own))
+        trainer.callbacks.append(ShowStartupLines())
         return trainer
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -252,6 +262,7 @@ class BatchlabCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         check_run(self.trainer)
+        check_data(self.datamodule, self.trainer, self.subcommand)
 
     def _subcommand_config(self) -> Any:
         return self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -370,10 +381,11 @@ def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``batchlab`` command."""
     _quiet_lightning()
     args = _expand_switches(sys.argv[1:] if args is None else list(args))
+    STARTUP_LINES.hold()
     try:
         make_cli(args)
     except (ConfigError, ArgumentError, MisconfigurationException, FileNotFoundError) as err:
-        _fail(one_line(err))
+        _fail(one_line(err, args))
     except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as err:
         # A path that cannot be used, should one get past batchlab.preflight's checks.
         _fail(f"{err.filename!r} cannot be used: {err.strerror}" if err.filename else one_line(err))
@@ -390,11 +402,16 @@ def main(args: Optional[list[str]] = None) -> None:
             raise
         _fail(one_line(cause))
     except KeyboardInterrupt:  # Ctrl+C before or after a fit, where Lightning does not handle it
+        STARTUP_LINES.show()
         print("batchlab: interrupted", file=sys.stderr)
         sys.exit(RunInterrupted("SIGINT", None).exit_code)
+    finally:
+        # Whatever ended the command before it ran (--help, a traceback) shows them, as Lightning would have.
+        STARTUP_LINES.show()
 
 
 def _fail(message: str) -> None:
+    STARTUP_LINES.drop()
     print(f"batchlab: error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -430,12 +447,13 @@ _TYPE_NAMES = {
 }
 
 
-def one_line(err: BaseException) -> str:
-    """Condense an error message (jsonargparse's are several indented lines) into one readable line."""
-    return _condense(str(err).strip())
+def one_line(err: BaseException, args: Sequence[str] = ()) -> str:
+    """Condense an error message (jsonargparse's are several indented lines) into one readable line; a bad value
+    given by a flag in ``args`` is quoted as typed there."""
+    return _condense(str(err).strip(), args=args)
 
 
-def _condense(text: str, prefix: str = "") -> str:
+def _condense(text: str, prefix: str = "", args: Sequence[str] = ()) -> str:
     m = re.match(r'Parser key "([^"]+)":\s*(.*)', text, re.S)
     if not m:
         line = _flat(text)
@@ -454,7 +472,7 @@ def _condense(text: str, prefix: str = "") -> str:
             return f"{key}: {_flat(inner)}"
         class_path, problem = given.group(1), given.group(2).strip()
         if problem.startswith("Parser key"):
-            return _condense(problem, key + ".")
+            return _condense(problem, key + ".", args)
         option = re.match(r"Option '(\w+)' is not accepted", problem)
         if option:
             return f"{key}.{option.group(1)} is not an option of {class_path} (--help lists the accepted keys)"
@@ -469,8 +487,31 @@ def _condense(text: str, prefix: str = "") -> str:
             # jsonargparse refuses NaN and infinity as floats; say that it is the value, not its type.
             expected = ["a finite number" if e == "a number" else e for e in expected]
         allowed = " or ".join(dict.fromkeys(expected))
-        return f"{key}={value.group(1).strip()!r} is not allowed: use {allowed}"
+        return f"{key}={_as_typed(key, value.group(1).strip(), args)!r} is not allowed: use {allowed}"
     return f"{key}: {_flat(rest)}"
+
+
+def _as_typed(key: str, value: str, args: Sequence[str]) -> str:
+    """``value`` as the user typed it where a flag for ``key`` gave it: jsonargparse reports the value it parsed
+    (``1e3`` as 1000.0, ``true`` as True)."""
+    head, _, tail = key.partition(".")
+    flags = {f"--{key}", f"--{head}.init_args.{tail}"}
+    typed = None
+    for i, arg in enumerate(args):  # the last one given is the one parsed
+        name, eq, rest = arg.partition("=")
+        if name in flags:
+            typed = rest if eq else (args[i + 1] if i + 1 < len(args) else None)
+    if typed is None:
+        return value
+    # Only where the report is the typed value parsed: a list is reported by its bad element (x_range=[0, inf] as
+    # 'inf', which says more), and a config file read after the flag may have given the value instead.
+    parsed = {typed}
+    for parse in (yaml.safe_load, float):
+        try:
+            parsed.add(str(parse(typed)))
+        except (yaml.YAMLError, ValueError):
+            pass
+    return typed if value in parsed else value
 
 
 def _flat(text: str) -> str:

@@ -340,12 +340,40 @@ class ToyRegressionData(LightningDataModule):
             self.splits[split], batch_size, shuffle, drop_last, rank, world, seed, self.hparams.device_shuffle
         )
 
+    def train_size(self) -> int:
+        """Samples in the training split, known before ``setup``."""
+        hp = self.hparams
+        n = hp.n_samples if hp.n_samples is not None else len(NOTEBOOK_X)
+        return n - _split_size(n, hp.val_fraction) - _split_size(n, hp.test_fraction)
+
+    def check_training_batches(self, world_size: int = 1) -> None:
+        """Raise ``ConfigError`` where the batch size leaves no training batch: with ``drop_last``, a batch larger
+        than each device's share of the training split.
+
+        Checked before a run starts (``batchlab.preflight``) rather than in ``train_dataloader``: Lightning's
+        batch-size finder builds the loader at sizes beyond the data on purpose, and stops on the data's size.
+        """
+        n = self.train_size()
+        rows = math.ceil(n / world_size)
+        if self.hparams.drop_last and self.batch_size > rows:
+            share = f"{n} samples" if world_size == 1 else f"{n} samples, {rows} per device on {world_size} devices"
+            raise ConfigError(
+                f"batch_size={self.batch_size} with drop_last=true leaves no training batch: the training split has "
+                f"{share}; use batch_size <= {rows}, or drop_last false"
+            )
+
+    def check_test_split(self) -> None:
+        """Raise ``ConfigError`` where there is no test split to test on."""
+        check(self.hparams.test_fraction > 0, "there is no test split: set --data.test_fraction above 0 (e.g. 0.2)")
+
     def train_dataloader(self) -> TensorBatches:
         rows = math.ceil(len(self.splits["train"][0]) / self._rank_and_world()[1])
         if self.batch_size > rows:
+            # Only the batch-size finder's trials, or a datamodule used outside the CLI, get here with drop_last.
+            outcome = "no batch: drop_last drops it" if self.hparams.drop_last else f"one batch of {rows}"
             rank_zero_warn(
                 f"batch_size={self.batch_size} is larger than the {rows} training samples per device: "
-                f"each epoch trains one batch of {rows}"
+                f"each epoch trains {outcome}"
             )
         return self._batches("train", self.batch_size, self.hparams.shuffle, self.hparams.drop_last)
 
@@ -353,7 +381,7 @@ class ToyRegressionData(LightningDataModule):
         return self._batches("val", self._eval_batch_size())
 
     def test_dataloader(self) -> TensorBatches:
-        check("test" in self.splits, "there is no test split: set --data.test_fraction above 0 (e.g. 0.2)")
+        self.check_test_split()
         return self._batches("test", self._eval_batch_size())
 
     def predict_dataloader(self) -> TensorBatches:

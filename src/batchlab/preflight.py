@@ -6,13 +6,17 @@ while nothing has been written yet.
 hyperparameters) and ``check_run(trainer)`` once the trainer is built. Each covers a case where jsonargparse or
 Lightning would otherwise say too little or go wrong late:
 
-- a config file that is not YAML, which jsonargparse reports without naming the file;
+- a config file that is missing, which jsonargparse reports without saying what to give instead, or that is not
+  YAML, which jsonargparse reports without naming the file;
 - settings the Trainer accepts and fails on mid-run, with a traceback (``accumulate_grad_batches=0`` divides by
   zero at the first step) or silently (a negative ``gradient_clip_val`` flips the gradients);
 - a checkpoint that is missing, which Lightning finds only after the logger has started writing a new run
   folder, or that is not a checkpoint, which ``torch.load`` refuses with a traceback;
 - a run folder that cannot be created (read-only, or under a file), which Lightning finds mid-setup with a
   traceback;
+- a batch size that leaves no training batch (``drop_last`` and a batch larger than each device's share of the
+  training split), where Lightning would train nothing, say only "No training batches" and exit 0;
+- ``batchlab test`` without a test split, which the test dataloader finds only once the run folder is written;
 - a run folder that already holds a run (an explicit ``--trainer.logger.init_args.version``, or no logger and a
   used ``default_root_dir``): Lightning's logger writes into it and LightningCLI then stops on ``config.yaml``.
   batchlab never writes over an earlier run.
@@ -31,6 +35,7 @@ import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from batchlab.data import ToyRegressionData
 from batchlab.errors import ConfigError, check
 from batchlab.summary import run_dir
 
@@ -41,10 +46,16 @@ CKPT_WORDS = ("last", "best", "hpc")
 
 
 def check_config_files(args: Sequence[str]) -> None:
-    """Refuse a config file given with ``-c``/``--config`` that is not YAML, naming it and where it breaks."""
+    """Refuse a config file given with ``-c``/``--config`` that is missing or not YAML, naming it and where it
+    breaks."""
     for path in _config_files(args):
         if not Path(path).is_file():
-            continue  # jsonargparse names a missing file itself
+            if _inline_config(path):
+                continue  # jsonargparse also takes the configuration itself: -c '{trainer: {max_epochs: 1}}'
+            problem = "it is a folder, not a file" if Path(path).is_dir() else "there is no such file"
+            raise ConfigError(
+                f"config={path!r} is not allowed: {problem}; pass the path of a YAML file (e.g. configs/seed.yaml)"
+            )
         try:
             yaml.safe_load(Path(path).read_text())
         except yaml.YAMLError as err:
@@ -52,6 +63,13 @@ def check_config_files(args: Sequence[str]) -> None:
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ConfigError(f"config={path!r} is not allowed: it is not valid YAML{where} ({problem})") from None
+
+
+def _inline_config(value: str) -> bool:
+    try:
+        return isinstance(yaml.safe_load(value), dict)
+    except yaml.YAMLError:
+        return False
 
 
 def _config_files(args: Sequence[str]) -> Iterator[str]:
@@ -70,6 +88,18 @@ def check_run(trainer: Trainer) -> None:
     # created the folder and would find it taken.
     if trainer.is_global_zero:
         check_run_folder(trainer)
+
+
+def check_data(datamodule: Any, trainer: Trainer, subcommand: Optional[str]) -> None:
+    """Raise ``ConfigError`` where the data as configured gives the command nothing to run on: no training batch
+    on this trainer's devices for ``fit`` and ``tune`` (a study sets its own batch sizes, within the training
+    split), no test split for ``test``."""
+    if not isinstance(datamodule, ToyRegressionData):
+        return
+    if subcommand in ("fit", "tune"):
+        datamodule.check_training_batches(trainer.world_size)
+    elif subcommand == "test":
+        datamodule.check_test_split()
 
 
 def check_trainer_settings(trainer: Trainer) -> None:

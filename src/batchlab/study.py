@@ -53,7 +53,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from batchlab import scaling
-from batchlab.errors import ConfigError, RunInterrupted, check, signal_of
+from batchlab.errors import STARTUP_LINES, ConfigError, RunInterrupted, check, signal_of
 from batchlab.stopping import StopTogether, agreed_signal, noting_signals
 from batchlab.summary import device_name, write_atomically
 
@@ -858,6 +858,7 @@ class Study:
         self._check_divisible("gns_batch_size", b_big)
         self.check_monitor()
         self.folder = self._open_folder()
+        STARTUP_LINES.show()  # the study's input has passed its checks
         memory_max = self.memory_max()
         grid = self.grid(n_train, memory_max)
         total = len(grid) * s.throughput_rounds + 1 + (0 if s.quick else len(grid) * len(set(s.lr_factors)))
