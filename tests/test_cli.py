@@ -2,6 +2,7 @@
 notebook's own loop, predict/validate/test, and one-line errors for bad input (the full table of bad input, for
 every command, is in test_bad_input.py)."""
 
+import json
 import math
 import subprocess
 import sys
@@ -156,6 +157,10 @@ def test_with_drop_last_a_batch_of_the_whole_split_trains_and_the_finder_still_s
     result = batchlab("tune", "-c", SEED, *QUIET, "--data.drop_last", "true", "--init_val", "3")
     assert result.code == 0, result.err
     assert "stopped because    dataset_size" in result.out
+    # ... and with drop_last its batch of 6 held no batch: the size found is the largest that trained, 3, not 6.
+    assert "batch size found   3 " in result.out and "which drop_last leaves without a batch; 3" in result.out
+    tune = json.loads(next(tmp_path.rglob("tune.json")).read_text())
+    assert tune["batch_size"] == tune["effective_batch_size"] == 3 and tune["untried_corrected_from"] == 6
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -233,16 +233,20 @@ class BatchSizeSearch(BatchSizeFinder):
         if not self._settled:
             self._settled = True
             recorder.finish()
-            self._found = self._tried_size(recorder, returned)
+            self._found = self._tried_size(recorder, returned, _drops_last(pl_module.trainer))
             if self._found != returned:
                 lightning_setattr(pl_module, "batch_size", self._found)
         self.optimal_batch_size = self._found
 
-    def _tried_size(self, recorder: TrialRecorder, returned: Optional[int]) -> Optional[int]:
+    def _tried_size(self, recorder: TrialRecorder, returned: Optional[int], drop_last: bool) -> Optional[int]:
         """The size found from Lightning's answer ``returned``: its own, or one based on the largest that ran."""
         self.before_margin = recorder.before_margin
         answer = recorder.before_margin or returned  # Lightning's answer before its margin
         ran = {t["batch_size"] for t in recorder.trials if t["ok"]}
+        if drop_last and recorder.dataset_size:
+            # With drop_last a batch above the data is no batch at all: Lightning counts that trial a success, but
+            # it trained nothing, and a fit at that size would train nothing either.
+            ran = {b for b in ran if b <= recorder.dataset_size}
         base = max((s for s in ran if answer is not None and s <= answer), default=None)
         if answer is None or answer in ran or base is None:
             return returned  # its answer ran, or none did (all out of memory): nothing to fall back on
@@ -278,6 +282,12 @@ class BatchSizeSearch(BatchSizeFinder):
             "device": device_name(pl_module.device),
             "memory_limited": any(not t["ok"] for t in trials),
         }
+
+
+def _drops_last(trainer: Trainer) -> bool:
+    """Whether the training loader the search ran with drops its last, smaller batch (a DataLoader's or batchlab's
+    ``drop_last``; False for loaders without one)."""
+    return bool(getattr(trainer.train_dataloader, "drop_last", False))
 
 
 def search_metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -325,7 +335,15 @@ def format_tune(result: dict[str, Any], path: Optional[Path] = None) -> str:
         memory = f", peak {t['peak_memory_bytes'] / 2**20:,.0f} MiB" if "peak_memory_bytes" in t else ""
         lines.append(f"  trial              {t['batch_size']:>8} {'ok' if t['ok'] else 'out of memory'}{memory}")
     corrected, max_val, largest = result.get("untried_corrected_from"), result["max_val"], result["largest_ok"]
-    if corrected:
+    tried = {t["batch_size"] for t in result["trials"]}
+    if corrected and corrected in tried:  # tried, but above the data with drop_last: no batch trained
+        base = result["before_margin"] or found
+        lines.append(
+            f"  no batch           Lightning's finder returned {corrected}, above the {result['dataset_size']} "
+            f"training samples, which drop_last leaves without a batch; {base}, the largest size that trained, "
+            "is used instead"
+        )
+    elif corrected:
         base = result["before_margin"] or found
         why = ("it stops before max_val" if corrected == max_val
                else f"above max_val={max_val}" if corrected > max_val else "")
