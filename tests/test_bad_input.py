@@ -103,6 +103,7 @@ ONE_COMMAND = [
     ("tune", ["--data.batch_size", "5", "--data.drop_last", "true"],
      "batch_size=5 with drop_last=true leaves no training batch"),
     ("test", [], "there is no test split: set --data.test_fraction above 0 (e.g. 0.2)"),
+    ("validate", [], "there is no validation split: set --data.val_fraction above 0 (e.g. 0.2)"),
 ]
 
 # validate, test and predict also load the earlier run's checkpoint, as they would in use.

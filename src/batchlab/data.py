@@ -362,6 +362,11 @@ class ToyRegressionData(LightningDataModule):
                 f"{share}; use batch_size <= {rows}, or drop_last false"
             )
 
+    def check_val_split(self) -> None:
+        """Raise ``ConfigError`` where there is no validation split to validate on (a fit without one is fine)."""
+        check(self.hparams.val_fraction > 0,
+              "there is no validation split: set --data.val_fraction above 0 (e.g. 0.2)")
+
     def check_test_split(self) -> None:
         """Raise ``ConfigError`` where there is no test split to test on."""
         check(self.hparams.test_fraction > 0, "there is no test split: set --data.test_fraction above 0 (e.g. 0.2)")

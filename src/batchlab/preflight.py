@@ -93,13 +93,15 @@ def check_run(trainer: Trainer) -> None:
 def check_data(datamodule: Any, trainer: Trainer, subcommand: Optional[str]) -> None:
     """Raise ``ConfigError`` where the data as configured gives the command nothing to run on: no training batch
     on this trainer's devices for ``fit`` and ``tune`` (a study sets its own batch sizes, within the training
-    split), no test split for ``test``."""
+    split), no test split for ``test``, no validation split for ``validate``."""
     if not isinstance(datamodule, ToyRegressionData):
         return
     if subcommand in ("fit", "tune"):
         datamodule.check_training_batches(trainer.world_size)
     elif subcommand == "test":
         datamodule.check_test_split()
+    elif subcommand == "validate":  # Lightning would skip the empty loop and exit 0, having validated nothing
+        datamodule.check_val_split()
 
 
 def check_trainer_settings(trainer: Trainer) -> None:
