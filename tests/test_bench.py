@@ -20,16 +20,16 @@ def test_bench_measures_each_variant_in_its_own_process_and_writes_json(tmp_path
     bench = _bench()
     out = tmp_path / "bench.json"
     args = ["--cases", "seed", "--seed-epochs", "3", "--repeats", "1", "--no-process", "--json", str(out),
-            "--variants", "notebook,floor,lightning-loop,batchlab-fast"]  # fmt: skip
+            "--variants", "notebook,floor,batchlab-fast"]  # fmt: skip
     assert bench.main(args) == 0
     data = json.loads(out.read_text())
     runs = data["cases"]["seed"]["runs"]
-    assert set(runs) == {"notebook", "floor", "lightning-loop", "batchlab-fast"}
+    assert set(runs) == {"notebook", "floor", "batchlab-fast"}
     for variant, (run,) in runs.items():
         assert "error" not in run, (variant, run)
         assert run["step_s"] > 0 and run["samples_per_s"] > 0 and run["process_peak_mb"] > 0
-    for variant in ("lightning-loop", "batchlab-fast"):
-        assert runs[variant][0]["steps"] == 6 and runs[variant][0]["fit_s"] > 0 and runs[variant][0]["cpu_step_s"] > 0
+    run = runs["batchlab-fast"][0]
+    assert run["steps"] == 6 and run["fit_s"] > 0 and run["cpu_step_s"] > 0
     targets = {t["target"]: t for t in data["targets"]}
     assert targets["seed bs 2: batchlab-fast steady step / floor step"]["value"] > 0
     printed = capsys.readouterr().out
@@ -50,3 +50,11 @@ def test_gpu_variants_shuffle_on_the_device_and_compile_with_cuda_graphs():
     assert args[args.index("--data.device_shuffle") + 1] == "true"
     assert args[args.index("--model.compile") + 1] == "reduce-overhead"
     assert args[args.index("--trainer.accelerator") + 1] == "gpu"
+
+
+def test_the_lightning_loop_reference_trains_the_same_steps_with_nothing_of_batchlabs_on_it(tmp_path, monkeypatch):
+    bench = _bench()
+    monkeypatch.chdir(tmp_path)  # in this process: a worker's own process would cost more than the run
+    run = bench.work_lightning_loop(bench.Case(None, 2, 3, 0))
+    assert run["steps"] == 6 and run["step_s"] > 0 and run["cpu_step_s"] > 0 and run["fit_s"] > 0
+    assert not list(tmp_path.iterdir()), "no logger, no checkpoint: nothing written"
