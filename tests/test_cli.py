@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICES, QUIET, SEED, STUDY, hparams_plugin, load_summary, run_command, run_dirs, scalars
+from conftest import DEVICES, QUIET, SEED, STUDY, command_env, hparams_plugin, load_summary, run_dirs, scalars
 
 from batchlab import notebook
 from batchlab.data import ToyRegressionData
@@ -218,28 +218,49 @@ def test_the_installed_command_exits_2_without_a_traceback(tmp_path):
     assert proc.stderr.startswith("batchlab: error: batch_size=0 is not allowed")
 
 
-# As subprocesses: under pytest, Lightning's loggers write to pytest's handlers, not to the terminal.
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        # Checked once the Trainer is built, after Lightning has said which devices it found and warned about
-        # the precision (a fit's bad input: test_the_installed_command_exits_2_without_a_traceback).
-        (["tune", "-c", SEED, "--trainer.precision", "16", "--max_val", "0"], "max_val=0 is not allowed"),
-        (["study", "-c", STUDY, "--grid", "[100000]"], "grid entries [100000] are above the cap"),
-    ],
-    ids=["tune", "study"],
-)
-def test_bad_input_prints_its_error_line_and_nothing_else(tmp_path, args, message):
-    proc = run_command(tmp_path, *args)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("batchlab: error: ") and message in lines[0], lines
+# In a subprocess: under pytest, Lightning's loggers write to pytest's handlers, not to the terminal. One process
+# runs the three commands in turn (imports cost more than the runs), each section opened by a marker on both streams.
+_IN_TURN = """
+import sys
+from batchlab.cli import main
+for args in {runs!r}:
+    for stream in (sys.stdout, sys.stderr):
+        print("=== " + args[0], file=stream, flush=True)
+    try:
+        main(args)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    print(f"exit {{code}}", file=sys.stderr, flush=True)
+"""
 
 
-def test_a_run_that_starts_still_shows_lightnings_start_up_lines(tmp_path):
-    proc = run_command(tmp_path, "fit", "-c", SEED, *QUIET, "--trainer.max_epochs", "1")
+def _sections(text: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for block in text.split("=== ")[1:]:
+        name, _, rest = block.partition("\n")
+        out[name] = [line for line in rest.splitlines() if line.strip()]
+    return out
+
+
+def test_bad_input_prints_its_error_line_alone_and_a_run_that_starts_shows_lightnings_start_up_lines(tmp_path):
+    runs = [
+        # Checked once the Trainer is built, after Lightning has said which devices it found and warned about the
+        # precision (a fit's bad input: test_the_installed_command_exits_2_without_a_traceback).
+        ["tune", "-c", SEED, "--trainer.precision", "16", "--max_val", "0"],
+        ["study", "-c", STUDY, "--grid", "[100000]"],
+        ["fit", "-c", SEED, *QUIET, "--trainer.max_epochs", "1"],
+    ]
+    proc = subprocess.run([sys.executable, "-c", _IN_TURN.format(runs=runs)], cwd=tmp_path, env=command_env(),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stderr.splitlines()
+    out, err = _sections(proc.stdout), _sections(proc.stderr)
+    for name, message in (("tune", "max_val=0 is not allowed"), ("study", "grid entries [100000] are above the cap")):
+        lines = out[name] + err[name]
+        assert lines[-1] == "exit 2" and len(lines) == 2, lines
+        assert lines[0].startswith("batchlab: error: ") and message in lines[0], lines
+    lines = err["fit"]
+    assert lines[-1] == "exit 0", lines
     seed = lines.index("Seed set to 0")
     devices = next(i for i, line in enumerate(lines) if line.startswith("GPU available: "))
     stopped = next(i for i, line in enumerate(lines) if line.startswith("`Trainer.fit` stopped"))
