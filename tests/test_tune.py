@@ -3,6 +3,7 @@ batch size recorded everywhere it is reported, and a search that changes nothing
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from lightning.pytorch import Trainer
 
 from batchlab.data import ToyRegressionData
 from batchlab.model import MLPRegressor
+from batchlab import tune
 from batchlab.tune import BatchSizeSearch, TrialRecorder, run_tune, stop_reason
 
 FIND = str(CONFIGS / "find_batch_size.yaml")
@@ -176,6 +178,16 @@ def test_a_fit_after_a_corrected_search_trains_with_the_size_it_reports(batchlab
     summary = load_summary(log_dir)
     assert summary["batch_size"] == 51 and summary["batch_size_search"]["untried_corrected_from"] == 100
     assert summary["steps"] == math.ceil(1000 / 51), "one epoch at the batch size reported"
+
+
+def test_a_fit_whose_corrected_size_came_too_late_for_its_dataloaders_is_stopped_not_misreported(
+    batchlab, tmp_path, monkeypatch
+):
+    # As if Lightning reworded the message the correction waits for: the fit would train at 80 and report 51.
+    monkeypatch.setattr(tune, "_FINISHED", re.compile(r"a message Lightning never says"))
+    finder = _finder(tmp_path, mode="binsearch", margin=0.2, max_val=100)
+    result = batchlab("fit", "-c", SEED, *QUIET, "--data.n_samples", "1000", "--trainer.max_epochs", "1", "-c", finder)
+    assert result.code == 2 and "returned 80, which never ran" in result.err and "--data.batch_size 51" in result.err
 
 
 def test_fit_with_the_finder_trains_with_the_size_found_and_reports_both_sizes(batchlab, tmp_path):

@@ -203,7 +203,16 @@ class BatchSizeSearch(BatchSizeFinder):
                     ends_the_run = True
                     self._settle(pl_module, recorder, self.optimal_batch_size)
                     raise
-                self._settle(pl_module, recorder, self.optimal_batch_size)
+                heard_finished = self._settled
+                returned = self.optimal_batch_size
+                self._settle(pl_module, recorder, returned)
+                # The fit's dataloaders are built by now: had Lightning's last message not been heard (reworded in
+                # a later Lightning?), they would hold Lightning's size while everything reports this one.
+                check(heard_finished or self._found == returned,
+                      f"the batch-size finder returned {returned}, which never ran, and batchlab could not put "
+                      f"{self._found} in its place before the fit's dataloaders were built (this Lightning's finder "
+                      f"messages are not the ones batchlab knows): run `batchlab tune`, then fit with "
+                      f"--data.batch_size {self._found}")
         finally:
             _set_rng_state(rng)
             self.result = self._describe(trainer, pl_module, initial, recorder)
