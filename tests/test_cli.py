@@ -267,6 +267,24 @@ def test_bad_input_prints_its_error_line_alone_and_a_run_that_starts_shows_light
     assert seed < devices < stopped, lines
 
 
+def test_held_start_up_warnings_are_all_shown_even_when_a_catch_warnings_block_outlives_the_hold():
+    import warnings
+
+    from batchlab.errors import StartupLines
+
+    lines = StartupLines()
+    shown = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda *args: shown.append(str(args[0]))
+        lines.hold()
+        warnings.warn("held", UserWarning)
+        with warnings.catch_warnings():  # saves the holding hook, and puts it back after show()
+            lines.show()
+        warnings.warn("after", UserWarning)
+    assert shown == ["held", "after"] and not lines.held
+
+
 def test_trainers_training_flag_answers_as_lightnings_for_every_stage():
     from lightning.pytorch import Trainer
     from lightning.pytorch.trainer.states import RunningStage

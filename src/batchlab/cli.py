@@ -28,7 +28,7 @@ import yaml
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer.states import RunningStage
 
@@ -46,14 +46,6 @@ class BatchlabParser(LightningArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("exit_on_error", False)
         super().__init__(*args, **kwargs)
-
-
-class ShowStartupLines(Callback):
-    """Shows Lightning's start-up lines, held by ``main``, once a run is set up: its input has passed every check
-    made before it (the tune command's options included)."""
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        STARTUP_LINES.show()
 
 
 class BatchlabTrainer(Trainer):
@@ -89,6 +81,9 @@ class BatchlabTrainer(Trainer):
 
         Under DDP, ``StopTogether`` takes the signals from here on (``batchlab.stopping``): by default one that
         came while Lightning starts the other processes would kill this one and leave them waiting for ever."""
+        # Lightning's start-up lines, held by ``main``: the input has passed every check made before a fit (the tune
+        # command's options included). Not a callback's ``setup``: a callback costs every step a call per hook.
+        STARTUP_LINES.show()
         together = next((c for c in self.callbacks if isinstance(c, StopTogether)), None)
         try:
             with noting_signals(together.handle if together else None):
@@ -244,7 +239,6 @@ class BatchlabCLI(LightningCLI):
             callback.save_on_exception = trainer.world_size == 1
         if trainer.world_size > 1:
             trainer.callbacks.append(StopTogether(checkpoints=own))
-        trainer.callbacks.append(ShowStartupLines())
         return trainer
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -288,7 +282,14 @@ class BatchlabCLI(LightningCLI):
             if isinstance(callback, RunSummary) and callback.summary and self.trainer.is_global_zero:
                 print(format_summary(callback.summary))
 
+    def before_validate(self) -> None:
+        STARTUP_LINES.show()  # fit and tune show them in BatchlabTrainer.fit, the study once its checks pass
+
+    def before_test(self) -> None:
+        STARTUP_LINES.show()
+
     def before_predict(self) -> None:
+        STARTUP_LINES.show()
         # Only predict needs it; every callback costs each training step a call per hook.
         self.trainer.callbacks.append(PredictionPrinter())
 
@@ -390,6 +391,7 @@ def main(args: Optional[list[str]] = None) -> None:
         # A path that cannot be used, should one get past batchlab.preflight's checks.
         _fail(f"{err.filename!r} cannot be used: {err.strerror}" if err.filename else one_line(err))
     except RunInterrupted as stop:
+        STARTUP_LINES.show()  # before the report, in the order they were said
         if stop.summary is not None:
             print(format_summary(stop.summary))
         if stop.message is not None:

@@ -90,7 +90,10 @@ class StartupLines(logging.Handler):
         self.held.append(record)
 
     def _hold_warning(self, *args: Any) -> None:
-        self.held.append(args)
+        if self.saved is None:  # put back by a catch_warnings() that began while holding: nothing holds now
+            self.showwarning(*args)
+        else:
+            self.held.append(args)
 
     def show(self) -> None:
         for item in self._restore():
