@@ -24,7 +24,7 @@ import logging
 import random
 import re
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
@@ -45,21 +45,17 @@ _DATASET = re.compile(r"The batch size (\d+) is greater or equal than the length
 _MAX_VAL = re.compile(r"Reached the maximum batch size limit of (\d+)")
 _MARGIN = re.compile(r"reducing batch size from (\d+) to (\d+)")
 _CAPPED = re.compile(r"Batch size (\d+) exceeds max_val limit (\d+), capping at")
-# Said after the search (and its margin), before Lightning builds the fit's dataloaders from the module's batch size.
-_FINISHED = re.compile(r"Finished batch size finder, will continue with full run using batch size (\d+)")
 # Lightning 2.6's power search doubles through a helper called without max_val, which then caps at this.
 POWER_CAP = 8192
 _LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.tuner.batch_size_scaling")
 
 
 class TrialRecorder(logging.Handler):
-    """Collects the finder's trials from its log lines, with the peak device memory of each on a GPU, and calls
-    ``on_finished`` with Lightning's answer when it says the search is finished."""
+    """Collects the finder's trials from its log lines, with the peak device memory of each on a GPU."""
 
-    def __init__(self, device: torch.device, on_finished: Optional[Callable[[int], None]] = None) -> None:
+    def __init__(self, device: torch.device) -> None:
         super().__init__(logging.INFO)
         self.device = device
-        self.on_finished = on_finished
         self.trials: list[dict[str, Any]] = []
         self.dataset_size: Optional[int] = None
         self.hit_max_val = False
@@ -103,8 +99,6 @@ class TrialRecorder(logging.Handler):
             self._pending = None
         elif m := _MARGIN.search(message):
             self.before_margin = int(m.group(1))
-        elif (m := _FINISHED.search(message)) and self.on_finished is not None:
-            self.on_finished(int(m.group(1)))
 
     def finish(self) -> None:
         """Record the last trial, which Lightning runs without a message when it ends on ``max_trials``, and drop
@@ -184,16 +178,13 @@ class BatchSizeSearch(BatchSizeFinder):
         self.result: Optional[dict[str, Any]] = None
         self.before_margin: Optional[int] = None
         self.untried_corrected_from: Optional[int] = None
-        self._settled = False
-        self._found: Optional[int] = None
 
     def scale_batch_size(self, trainer: Trainer, pl_module: LightningModule) -> None:
         check_not_distributed(trainer)
         initial = lightning_getattr(pl_module, "batch_size")
         self.before_margin = self.untried_corrected_from = None
         rng = _rng_state()
-        self._settled = False
-        recorder = TrialRecorder(pl_module.device, lambda returned: self._settle(pl_module, recorder, returned))
+        recorder = TrialRecorder(pl_module.device)
         ends_the_run = False
         try:
             with recorder:
@@ -201,18 +192,9 @@ class BatchSizeSearch(BatchSizeFinder):
                     super().scale_batch_size(trainer, pl_module)
                 except _TunerExitException:  # the search ended and `batchlab tune` stops here
                     ends_the_run = True
-                    self._settle(pl_module, recorder, self.optimal_batch_size)
+                    self._finish(trainer, pl_module, recorder, rebuild=False)
                     raise
-                heard_finished = self._settled
-                returned = self.optimal_batch_size
-                self._settle(pl_module, recorder, returned)
-                # The fit's dataloaders are built by now: had Lightning's last message not been heard (reworded in
-                # a later Lightning?), they would hold Lightning's size while everything reports this one.
-                check(heard_finished or self._found == returned,
-                      f"the batch-size finder returned {returned}, which never ran, and batchlab could not put "
-                      f"{self._found} in its place before the fit's dataloaders were built (this Lightning's finder "
-                      f"messages are not the ones batchlab knows): run `batchlab tune`, then fit with "
-                      f"--data.batch_size {self._found}")
+                self._finish(trainer, pl_module, recorder, rebuild=True)
         finally:
             _set_rng_state(rng)
             self.result = self._describe(trainer, pl_module, initial, recorder)
@@ -227,25 +209,22 @@ class BatchSizeSearch(BatchSizeFinder):
                 # the logger and hparams.yaml hold the size found instead of the configured one.
                 log_hparams(trainer, sizes)
 
-    def _settle(self, pl_module: LightningModule, recorder: TrialRecorder, returned: Optional[int]) -> None:
+    def _finish(self, trainer: Trainer, pl_module: LightningModule, recorder: TrialRecorder, rebuild: bool) -> None:
         """Complete the trial list and never recommend a size that was never tried.
 
         Lightning's finder never runs ``max_val`` itself (it stops when the next size reaches it) yet returns it, or
         in power mode the double of the last size below it, and ``binsearch`` then takes the margin off that. A
-        size that never ran is not known to fit, so the found size is then based on the largest size that ran.
-
-        First called when Lightning says the search is finished: the module's batch size must be right before
-        Lightning builds the fit's dataloaders from it (as Lightning sets it after its own margin), or a fit after
-        the search would train with Lightning's answer while reporting this one. Called again once the search has
-        returned, to put the size back after Lightning sets ``optimal_batch_size`` to its own answer.
+        size that never ran is not known to fit, so the found size is then based on the largest size that ran. Where
+        a fit follows (``rebuild``), its dataloaders, which Lightning built at its own answer, are built again.
         """
-        if not self._settled:
-            self._settled = True
-            recorder.finish()
-            self._found = self._tried_size(recorder, returned, _drops_last(pl_module.trainer))
-            if self._found != returned:
-                lightning_setattr(pl_module, "batch_size", self._found)
-        self.optimal_batch_size = self._found
+        recorder.finish()
+        returned = self.optimal_batch_size
+        found = self._tried_size(recorder, returned, _drops_last(trainer))
+        self.optimal_batch_size = found
+        if found != returned:
+            lightning_setattr(pl_module, "batch_size", found)
+            if rebuild:
+                rebuild_dataloaders(trainer)
 
     def _tried_size(self, recorder: TrialRecorder, returned: Optional[int], drop_last: bool) -> Optional[int]:
         """The size found from Lightning's answer ``returned``: its own, or one based on the largest that ran."""
@@ -291,6 +270,17 @@ class BatchSizeSearch(BatchSizeFinder):
             "device": device_name(pl_module.device),
             "memory_limited": any(not t["ok"] for t in trials),
         }
+
+
+def rebuild_dataloaders(trainer: Trainer) -> None:
+    """Build the running loop's dataloaders again, so that they read the batch size set since they were built.
+
+    Lightning's own between-trial reset (``batch_size_scaling._reset_dataloaders``, private: Lightning has no public
+    way to reload a fit's dataloaders in the middle of ``on_fit_start``). ``tests/test_tune.py`` checks the steps a
+    fit after a corrected search trains."""
+    from lightning.pytorch.tuner.batch_size_scaling import _reset_dataloaders
+
+    _reset_dataloaders(trainer)
 
 
 def _drops_last(trainer: Trainer) -> bool:
