@@ -96,12 +96,15 @@ def headline(summary: dict[str, Any]) -> list[str]:
                  f"quick answer sqrt(B_simple alpha / beta) = {_fmt(s['quick_b_star'])} -> "
                  f"{s['quick_recommended_batch_size']}"
                  + (f", regret {_fmt(s['quick_regret'], 3)}" if s.get("quick_regret") is not None else "") + ".")
-    if s.get("reference_diverged_at") is not None:
-        steps = s.get("b_simple_steps") or []
-        where = ("from the initial weights alone, not from training" if steps == [0]
-                 else f"from the points before it (steps {steps})")
-        lines.append(f"Warning: the noise scale's reference run diverged at step {s['reference_diverged_at']}, so "
-                     f"B_simple is {where}: lower --base_lr for a trustworthy quick answer.")
+    diverged = s.get("reference_diverged_at")
+    if diverged is not None or s.get("b_simple_steps") == [0]:
+        why = (f"the noise scale's reference run diverged at step {diverged}" if diverged is not None
+               else "the noise scale's reference run ended before its first point of training")
+        where = ("from the initial weights alone, not from training" if s.get("b_simple_steps") == [0]
+                 else f"from the points before it (steps {s.get('b_simple_steps')})")
+        lines.append(f"Warning: {why}, so B_simple is {where}: "
+                     + ("lower --base_lr" if diverged is not None else "lower --gns_steps")
+                     + " for a trustworthy quick answer.")
     if s.get("b_simple_ranks") is not None and s["b_simple_method"] != "ranks":
         lines.append(f"From the DDP ranks' gradient norms alone (B_small = one rank's batch): B_simple = "
                      f"{_fmt(s['b_simple_ranks'])}, a far noisier estimate of the same quantity.")

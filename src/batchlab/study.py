@@ -716,13 +716,13 @@ class Study:
         probe = copy.deepcopy(self.model).to(device)
         probe.automatic_optimization = True  # so that training_step returns the loss (see __init__)
         curve = {p["step"]: p["value"] for p in recorder.curve}
-        points, pooled, method = [], {}, None
+        points, finite, method = [], {}, None
         for step, state in snapshots.states:
             probe.load_state_dict(state)
             estimates, method = self._noise_samples(probe, batches, method)
             point = {"step": step, "samples_seen": step * b_ref, "value": curve.get(step)}
-            finite = all(math.isfinite(x.g2) and math.isfinite(x.trace) for xs in estimates.values() for x in xs)
-            point["estimates"] = estimates if finite else None
+            if all(math.isfinite(x.g2) and math.isfinite(x.trace) for xs in estimates.values() for x in xs):
+                finite[step] = estimates
             for name, samples in estimates.items():
                 prefix = "" if name == method else f"{name}_"
                 point.update({f"{prefix}g2": sum(x.g2 for x in samples) / len(samples),
@@ -733,21 +733,21 @@ class Study:
         # typically orders of magnitude above its value anywhere later (the default study: 14,000 at step 0, 6-410
         # after), so pooling it in gave the initial weights' figure (0.72 against 2-125 later, B_crit 7.3). Step 0
         # stays in the trajectory; it is used alone only when no later point exists (a reference run that diverged
-        # or reached the target before its first snapshot), which the report says.
-        used = [p for p in points if p["estimates"] is not None and p["step"] > 0] or [
-            p for p in points[:1] if p["estimates"] is not None]
+        # or reached the target before its first snapshot), which the answer then warns of.
+        used = [p for p in points if p["step"] in finite and p["step"] > 0] or [
+            p for p in points[:1] if p["step"] in finite]
+        check(bool(used), "the noise scale's gradients are not finite even at the initial weights: check the model's "
+                          "initialisation and its loss on the training data")
+        pooled: dict[str, list[scaling.NoiseSample]] = {}
         for p in used:
-            for name, samples in p["estimates"].items():
+            for name, samples in finite[p["step"]].items():
                 pooled.setdefault(name, []).extend(samples)
         decay = 0.5
         g2_ema = scaling.ema([p["g2"] for p in used], decay)
         trace_ema = scaling.ema([p["trace"] for p in used], decay)
         emas = {p["step"]: t / g if g > 0 else math.inf for p, g, t in zip(used, g2_ema, trace_ema)}
         for p in points:
-            del p["estimates"]
             p["b_simple_ema"] = emas.get(p["step"])
-        check(bool(used), f"the noise-scale reference run (batch size {b_ref}, lr {self.centre_lr(b_ref):g}) gave "
-                          "no finite gradient at its first step: lower --base_lr")
         out = {"b_simple": scaling.b_simple(pooled[method]), "method": method, "reference_batch_size": b_ref,
                "reference_lr": self.centre_lr(b_ref), "estimate_batch_size": b_big,
                "batches_per_point": len(batches), "averaged_steps": [p["step"] for p in used],
