@@ -218,23 +218,25 @@ class BatchSizeSearch(BatchSizeFinder):
         a fit follows (``rebuild``), its dataloaders, which Lightning built at its own answer, are built again.
         """
         recorder.finish()
+        if _drops_last(trainer) and recorder.dataset_size:
+            # With drop_last a batch above the data is no batch at all: Lightning counts that trial a success, but
+            # it trained nothing, and a fit at that size would train nothing either.
+            for t in recorder.trials:
+                if t["batch_size"] > recorder.dataset_size:
+                    t["no_batch"] = True
         returned = self.optimal_batch_size
-        found = self._tried_size(recorder, returned, _drops_last(trainer))
+        found = self._tried_size(recorder, returned)
         self.optimal_batch_size = found
         if found != returned:
             lightning_setattr(pl_module, "batch_size", found)
             if rebuild:
                 rebuild_dataloaders(trainer)
 
-    def _tried_size(self, recorder: TrialRecorder, returned: Optional[int], drop_last: bool) -> Optional[int]:
+    def _tried_size(self, recorder: TrialRecorder, returned: Optional[int]) -> Optional[int]:
         """The size found from Lightning's answer ``returned``: its own, or one based on the largest that ran."""
         self.before_margin = recorder.before_margin
         answer = recorder.before_margin or returned  # Lightning's answer before its margin
-        ran = {t["batch_size"] for t in recorder.trials if t["ok"]}
-        if drop_last and recorder.dataset_size:
-            # With drop_last a batch above the data is no batch at all: Lightning counts that trial a success, but
-            # it trained nothing, and a fit at that size would train nothing either.
-            ran = {b for b in ran if b <= recorder.dataset_size}
+        ran = {t["batch_size"] for t in recorder.trials if _trained(t)}
         base = max((s for s in ran if answer is not None and s <= answer), default=None)
         if answer is None or answer in ran or base is None:
             return returned  # its answer ran, or none did (all out of memory): nothing to fall back on
@@ -262,7 +264,7 @@ class BatchSizeSearch(BatchSizeFinder):
             **self.settings,
             "stopped_because": stop_reason(trials, dataset_size, recorder.hit_max_val),
             "trials": trials,
-            "largest_ok": max((t["batch_size"] for t in trials if t["ok"]), default=None),
+            "largest_ok": max((t["batch_size"] for t in trials if _trained(t)), default=None),
             "found_was_tried": found in tried,
             "before_margin": self.before_margin,
             "untried_corrected_from": self.untried_corrected_from,
@@ -270,6 +272,11 @@ class BatchSizeSearch(BatchSizeFinder):
             "device": device_name(pl_module.device),
             "memory_limited": any(not t["ok"] for t in trials),
         }
+
+
+def _trained(trial: dict[str, Any]) -> bool:
+    """A trial that ran its steps: not out of memory, and not a drop_last batch above the data (no batch at all)."""
+    return trial["ok"] and not trial.get("no_batch")
 
 
 def rebuild_dataloaders(trainer: Trainer) -> None:
@@ -332,18 +339,17 @@ def format_tune(result: dict[str, Any], path: Optional[Path] = None) -> str:
         )
     for t in result["trials"]:
         memory = f", peak {t['peak_memory_bytes'] / 2**20:,.0f} MiB" if "peak_memory_bytes" in t else ""
-        lines.append(f"  trial              {t['batch_size']:>8} {'ok' if t['ok'] else 'out of memory'}{memory}")
+        state = "out of memory" if not t["ok"] else "ran no batch (drop_last)" if t.get("no_batch") else "ok"
+        lines.append(f"  trial              {t['batch_size']:>8} {state}{memory}")
     corrected, max_val, largest = result.get("untried_corrected_from"), result["max_val"], result["largest_ok"]
-    tried = {t["batch_size"] for t in result["trials"]}
-    if corrected and corrected in tried:  # tried, but above the data with drop_last: no batch trained
-        base = result["before_margin"] or found
+    base = result["before_margin"] or found
+    if corrected and any(t.get("no_batch") and t["batch_size"] == corrected for t in result["trials"]):
         lines.append(
             f"  no batch           Lightning's finder returned {corrected}, above the {result['dataset_size']} "
             f"training samples, which drop_last leaves without a batch; {base}, the largest size that trained, "
             "is used instead"
         )
     elif corrected:
-        base = result["before_margin"] or found
         why = ("it stops before max_val" if corrected == max_val
                else f"above max_val={max_val}" if corrected > max_val else "")
         lines.append(
@@ -359,14 +365,13 @@ def format_tune(result: dict[str, Any], path: Optional[Path] = None) -> str:
             f"  margin             {result['before_margin']} less the {result['margin']:.0%} margin gives {found}"
         )
     elif not result["found_was_tried"]:
-        tried = f"the largest size tried was {largest}" if largest else "no size tried ran"
-        lines.append(f"  untried            {found} itself was never tried: {tried}")
+        ran = f"the largest size tried was {largest}" if largest else "no size tried ran"
+        lines.append(f"  untried            {found} itself was never tried: {ran}")
     lines.append(f"  device             {result['device']}")
     if not result["memory_limited"]:
-        largest = result["largest_ok"]
         where = "on a CPU nothing runs out of memory" if result["device"] == "cpu" else "nothing ran out of memory"
         lines.append(
-            f"  memory             did not limit this search ({where}); the largest batch tried was {largest}"
+            f"  memory             did not limit this search ({where}); the largest batch that ran was {largest}"
         )
         lines.append("  next               for a batch size worth training with, run `batchlab study`")
     if path is not None:
