@@ -162,7 +162,7 @@ def test_with_drop_last_a_batch_of_the_whole_split_trains_and_the_finder_still_s
     tune = json.loads(next(tmp_path.rglob("tune.json")).read_text())
     assert tune["batch_size"] == tune["effective_batch_size"] == 3 and tune["untried_corrected_from"] == 6
     assert tune["largest_ok"] == 3 and tune["trials"][-1] == {"batch_size": 6, "ok": True, "no_batch": True}
-    assert "6 ran no batch (drop_last)" in result.out and "the largest batch that ran was 3" in result.out
+    assert "6 ran no batch (drop_last)" in result.out and "the largest batch tried was 3" in result.out
 
 
 @pytest.mark.parametrize("device", DEVICES)

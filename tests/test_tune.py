@@ -33,7 +33,7 @@ def test_power_search_on_a_cpu_stops_at_the_dataset_and_says_memory_did_not_limi
     assert tune["batch_size"] == 1024 and tune["effective_batch_size"] == 1000 and tune["dataset_size"] == 1000
     assert tune["device"] == "cpu" and tune["memory_limited"] is False
     assert "batch size found   1024" in out and "stopped because    dataset_size" in out
-    assert "did not limit this search" in out and "largest batch that ran was 1024" in out
+    assert "did not limit this search" in out and "largest batch tried was 1024" in out
     assert "batchlab study" in out
 
 

@@ -371,7 +371,7 @@ def format_tune(result: dict[str, Any], path: Optional[Path] = None) -> str:
     if not result["memory_limited"]:
         where = "on a CPU nothing runs out of memory" if result["device"] == "cpu" else "nothing ran out of memory"
         lines.append(
-            f"  memory             did not limit this search ({where}); the largest batch that ran was {largest}"
+            f"  memory             did not limit this search ({where}); the largest batch tried was {largest}"
         )
         lines.append("  next               for a batch size worth training with, run `batchlab study`")
     if path is not None:
