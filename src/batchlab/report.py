@@ -73,6 +73,11 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _edge_mark(entry: dict[str, Any]) -> str:
+    """`` ^`` or `` v`` beside a best LR that sat at the top or bottom edge of the range tried (``lr_at_edge``)."""
+    return {"up": " ^", "down": " v"}.get(entry.get("lr_at_edge") or "", "")
+
+
 def headline(summary: dict[str, Any]) -> list[str]:
     """The answer in a few lines, for the terminal and the top of the report."""
     s = summary
@@ -134,8 +139,7 @@ def markdown(summary: dict[str, Any], gns: dict[str, Any], plots: list[str]) -> 
         for e in s["batch_sizes"]:
             mark = " **best**" if e["batch_size"] == s["recommended_batch_size"] else ""
             steps = _fmt(e["steps"]) if e["steps"] is not None else "never (" + ", ".join(e["never_reached"]) + ")"
-            edge = {"up": " ^", "down": " v"}.get(e.get("lr_at_edge") or "", "")
-            out.append(f"| {e['batch_size']}{mark} | {_fmt(e['lr'])}{edge} | {steps} | {_fmt(e['samples'])} | "
+            out.append(f"| {e['batch_size']}{mark} | {_fmt(e['lr'])}{_edge_mark(e)} | {steps} | {_fmt(e['samples'])} | "
                        f"{_fmt(e['step_s'] * 1e3)} | {_fmt(e['samples_per_s'])} | {_fmt(e['time_to_target_s'])} | "
                        f"{_fmt(e.get('regret'), 3)} |")
         out.append("")
@@ -291,7 +295,7 @@ def format_study(summary: dict[str, Any], written: Optional[list[Path]] = None) 
     if not summary["quick"]:
         lines.append("  B        lr          steps    ms/step   time to target   regret")
         for e in summary["batch_sizes"]:
-            lr = _fmt(e["lr"]) + {"up": " ^", "down": " v"}.get(e.get("lr_at_edge") or "", "")
+            lr = _fmt(e["lr"]) + _edge_mark(e)
             lines.append(f"  {e['batch_size']:<8} {lr:<11} {_fmt(e['steps']):<8} "
                          f"{e['step_s'] * 1e3:<9.3f} {_fmt(e['time_to_target_s']):<16} {_fmt(e.get('regret'), 3)}")
     lines.append(f"  folder   {summary['folder']}")

@@ -1002,7 +1002,7 @@ def summarise(study: Study, grid: list[int], n_train: int, memory_max: Optional[
     )
     if not reached:
         summary.update(recommended_batch_size=None, recommended_lr=None, batch_sizes=list(per_b.values()),
-                       within_10_percent=[], quick_regret=None,
+                       within_10_percent=[], quick_regret=None, lr_at_edge=[],
                        recommended_by="nothing reached the target: raise --max_steps, widen --lr_factors or "
                                       "loosen --target")
         return summary
