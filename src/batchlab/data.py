@@ -271,9 +271,8 @@ class ToyRegressionData(LightningDataModule):
         self.save_hyperparameters()
         self.hparams.predict_x = predict_x
         n = n_samples if n_samples is not None else len(NOTEBOOK_X)
-        n_val, n_test = _split_size(n, val_fraction), _split_size(n, test_fraction)
         check(
-            n - n_val - n_test >= 1,
+            self.train_size() >= 1,
             f"n_samples={n} with val_fraction={val_fraction} and test_fraction={test_fraction} leaves no training "
             "sample: use more samples or smaller fractions",
         )
