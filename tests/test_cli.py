@@ -116,6 +116,7 @@ def test_predict_prints_predictions_for_predict_x_from_a_checkpoint(batchlab, tm
     assert lines[0].startswith("[10, 11] -> [") and lines[1].startswith("[1, 1] -> [")
     predicted = float(lines[0].split("[")[2].rstrip("]"))
     assert predicted == pytest.approx(summary["predictions"]["y"][0][0], abs=1e-4)
+    assert run_dirs(tmp_path) == [log_dir], "a prediction makes no run folder of its own"
 
 
 def test_validate_and_test_report_metrics_of_a_checkpoint(batchlab, tmp_path):

@@ -29,7 +29,7 @@ from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.trainer.states import RunningStage
 
 from batchlab.errors import STARTUP_LINES, ConfigError, RunInterrupted, signal_of
@@ -290,6 +290,10 @@ class BatchlabCLI(LightningCLI):
 
     def before_predict(self) -> None:
         STARTUP_LINES.show()
+        # A prediction prints; it leaves no run folder behind (a config, hyperparameters and an empty event file
+        # in a new version_N per call). Validate and test keep theirs: their metrics are a record.
+        self.trainer.loggers = []
+        self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, SaveConfigCallback)]
         # Only predict needs it; every callback costs each training step a call per hook.
         self.trainer.callbacks.append(PredictionPrinter())
 
