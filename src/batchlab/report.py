@@ -101,15 +101,14 @@ def headline(summary: dict[str, Any]) -> list[str]:
                  f"quick answer sqrt(B_simple alpha / beta) = {_fmt(s['quick_b_star'])} -> "
                  f"{s['quick_recommended_batch_size']}"
                  + (f", regret {_fmt(s['quick_regret'], 3)}" if s.get("quick_regret") is not None else "") + ".")
-    diverged = s.get("reference_diverged_at")
-    if diverged is not None or s.get("b_simple_steps") == [0]:
-        why = (f"the noise scale's reference run diverged at step {diverged}" if diverged is not None
-               else "the noise scale's reference run ended before its first point of training")
-        where = ("from the initial weights alone, not from training" if s.get("b_simple_steps") == [0]
-                 else f"from the points before it (steps {s.get('b_simple_steps')})")
-        lines.append(f"Warning: {why}, so B_simple is {where}: "
-                     + ("lower --base_lr" if diverged is not None else "lower --gns_steps")
-                     + " for a trustworthy quick answer.")
+    diverged, steps = s.get("reference_diverged_at"), s.get("b_simple_steps")
+    if diverged is not None or steps == [0]:
+        why, fix = ((f"the noise scale's reference run diverged at step {diverged}", "lower --base_lr")
+                    if diverged is not None else
+                    ("the noise scale's reference run ended before its first point of training", "lower --gns_steps"))
+        where = ("from the initial weights alone, not from training" if steps == [0]
+                 else f"from the points before it (steps {steps})")
+        lines.append(f"Warning: {why}, so B_simple is {where}: {fix} for a trustworthy quick answer.")
     if s.get("b_simple_ranks") is not None and s["b_simple_method"] != "ranks":
         lines.append(f"From the DDP ranks' gradient norms alone (B_small = one rank's batch): B_simple = "
                      f"{_fmt(s['b_simple_ranks'])}, a far noisier estimate of the same quantity.")
