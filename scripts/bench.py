@@ -14,10 +14,10 @@ Cases (``--cases``):
 
 Variants (``--variants``): ``notebook`` (``batchlab.notebook.train``: per-sample Dataset + DataLoader), ``floor``
 (the notebook's model and SGD on batches sliced from in-memory tensors by a permutation: no framework),
-``batchlab`` (``batchlab fit -c configs/seed.yaml`` with the case's data), ``batchlab-fast`` (plus
-``configs/fast.yaml``); on the GPU also ``graph-floor`` (the floor's whole step captured in one CUDA graph) and
-``batchlab-compiled`` (``batchlab-fast`` plus ``--model.compile reduce-overhead``); ``lightning-loop``, a reference
-for what the Trainer's loop alone costs: the same model with its lean step on the same data, in a Trainer with no
+``batchlab`` (``batchlab fit -c configs/seed.yaml`` with the case's data); on the GPU also ``graph-floor`` (the
+floor's whole step captured in one CUDA graph) and ``batchlab-compiled`` (``batchlab`` plus ``--model.compile
+reduce-overhead``); ``lightning-loop``, a reference for what the Trainer's loop alone costs: the same model on the
+same data, in a Trainer with no
 logger, checkpoint, progress bar, model summary or profiler and none of batchlab's callbacks (no TensorBoard, no
 ``RunSummary``), so no configuration of a Lightning fit can step faster. Batchlab variants on the GPU
 shuffle on the device (``--data.device_shuffle true``), as the floor does.
@@ -62,7 +62,6 @@ from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_CONFIG = ROOT / "configs" / "seed.yaml"
-FAST_CONFIG = ROOT / "configs" / "fast.yaml"
 RESULT_TAG = "BENCH_RESULT "
 
 
@@ -100,8 +99,8 @@ CASES = {
     # The per-sample notebook loop would take minutes per epoch at 16M samples; it is left out there.
     "gpu16m": Case(1 << 24, 1 << 20, 5, 0, device="cuda"),
 }
-CPU_VARIANTS = ["notebook", "floor", "lightning-loop", "batchlab", "batchlab-fast"]
-GPU_VARIANTS = ["floor", "graph-floor", "batchlab", "batchlab-fast", "batchlab-compiled"]
+CPU_VARIANTS = ["notebook", "floor", "lightning-loop", "batchlab"]
+GPU_VARIANTS = ["floor", "graph-floor", "batchlab", "batchlab-compiled"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -314,8 +313,6 @@ def _steady(case: Case, epoch_s: list[float], epoch_cpu: list[float], mem: dict[
 def batchlab_args(case: Case, variant: str, save_dir: str) -> list[str]:
     """The ``batchlab fit`` arguments of a variant (without ``fit``): the seed config with the case's data."""
     args = ["-c", str(SEED_CONFIG)]
-    if variant in ("batchlab-fast", "batchlab-compiled"):
-        args += ["-c", str(FAST_CONFIG)]
     if variant == "batchlab-compiled":
         args += ["--model.compile", "reduce-overhead"]
     if case.n is not None:
@@ -359,10 +356,11 @@ def _cpu_clock():
 
 def work_batchlab(case: Case, variant: str) -> dict[str, Any]:
     """``batchlab fit`` in-process as the command builds it (``make_cli``), timing the ``fit`` call."""
-    from batchlab.cli import _quiet_lightning, make_cli
+    from batchlab.cli import make_cli
+    from batchlab.quiet import drop_noise
     from batchlab.summary import RunSummary
 
-    _quiet_lightning()
+    drop_noise()
     with tempfile.TemporaryDirectory() as save_dir:
         # run=False: LightningCLI parses and builds everything (seeding included) but leaves ``fit`` to us.
         cli = make_cli(batchlab_args(case, variant, save_dir), run=False)
@@ -374,7 +372,7 @@ def work_batchlab(case: Case, variant: str) -> dict[str, Any]:
             _sync(case.device)
             fit_s = time.perf_counter() - t0
         (summary,) = [c.summary for c in cli.trainer.callbacks if isinstance(c, RunSummary)]
-    step_s = summary["step_s"]
+    step_s = summary.step_s
     steady_steps = case.steps_per_epoch * (case.epochs - 1)
     return {
         "step_s": step_s,
@@ -382,22 +380,21 @@ def work_batchlab(case: Case, variant: str) -> dict[str, Any]:
         "samples_per_s": case.rows / (step_s * case.steps_per_epoch),
         "fit_s": fit_s,
         "fit_samples_per_s": case.rows * case.epochs / fit_s,
-        "steps": summary["steps"],
+        "steps": summary.steps,
         **mem.result,
     }
 
 
 def work_lightning_loop(case: Case) -> dict[str, Any]:
-    """Lightning's loop with nothing on it: ``MLPRegressor(lean_step=True)`` and ``ToyRegressionData`` in a bare
+    """Lightning's loop with nothing on it: ``MLPRegressor()`` and ``ToyRegressionData`` in a bare
     Trainer, timed over the same steady window as batchlab (first epoch end to train end)."""
     from lightning.pytorch import Trainer, seed_everything
 
-    from batchlab.cli import _quiet_lightning
     from batchlab.data import ToyRegressionData
     from batchlab.model import MLPRegressor
-    from batchlab.profiler import NoProfiler
+    from batchlab.quiet import drop_noise
 
-    _quiet_lightning()
+    drop_noise()
     seed_everything(0, verbose=False)
     clock = _cpu_clock()
     trainer = Trainer(
@@ -408,13 +405,12 @@ def work_lightning_loop(case: Case) -> dict[str, Any]:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        profiler=NoProfiler(),
         callbacks=[clock],
     )
     data = ToyRegressionData(batch_size=case.batch_size, n_samples=case.n, device_shuffle=case.device == "cuda")
     with PeakMemory(case.device) as mem:
         t0 = time.perf_counter()
-        trainer.fit(MLPRegressor(lean_step=True), datamodule=data)
+        trainer.fit(MLPRegressor(), datamodule=data)
         _sync(case.device)
         fit_s = time.perf_counter() - t0
     steady_steps = case.steps_per_epoch * (case.epochs - 1)
@@ -536,7 +532,6 @@ def bench_process(repeats: int, timeout: float) -> dict[str, Any]:
     commands = {
         "notebook": [sys.executable, "-m", "batchlab.notebook"],
         "batchlab": [sys.executable, "-m", "batchlab.cli", "fit", "-c", str(SEED_CONFIG)],
-        "batchlab-fast": [sys.executable, "-m", "batchlab.cli", "fit", "-c", str(SEED_CONFIG), "-c", str(FAST_CONFIG)],
     }
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in commands}
     with tempfile.TemporaryDirectory() as cwd:
@@ -561,7 +556,7 @@ def bench_process(repeats: int, timeout: float) -> dict[str, Any]:
             "wall_s": _median([r["wall_s"] for r in runs[name]]),
             "peak_mb": _median([r["peak_mb"] for r in runs[name]]),
         }
-    for name in ("batchlab", "batchlab-fast"):
+    for name in ("batchlab",):
         out[f"{name}_vs_notebook"] = out[name]["wall_s"] / out["notebook"]["wall_s"]
     return out
 
@@ -614,12 +609,12 @@ def targets(results: dict[str, CaseResult], process: Optional[dict[str, Any]]) -
     if "seed" in results:
         # lightning-loop is no target but its bound: no Lightning fit with logging can step faster than it.
         for v, label in (("lightning-loop", "lightning-loop (reference, not batchlab)"),
-                         ("batchlab", "batchlab"), ("batchlab-fast", "batchlab-fast")):
+                         ("batchlab", "batchlab")):
             add(f"seed bs 2: {label} steady step / floor step", results["seed"].ratio(v, "step_s"), 2.0, True)
             add(f"seed bs 2: {label} steady step / floor step, CPU time", results["seed"].ratio(v, "cpu_step_s"), 2.0,
                 True)
     if "1m" in results:
-        for v in ("batchlab", "batchlab-fast"):
+        for v in ("batchlab",):
             add(f"1m bs 65536: {v} throughput / floor", results["1m"].ratio(v, "samples_per_s"), 0.9, False)
             add(
                 f"1m bs 65536: {v} throughput / floor, CPU time",
@@ -630,7 +625,7 @@ def targets(results: dict[str, CaseResult], process: Optional[dict[str, Any]]) -
             add(f"1m bs 65536: {v} train peak MB / floor", results["1m"].ratio(v, "train_peak_mb"), 1.5, True)
             add(f"1m bs 65536: {v} process peak MB / floor", results["1m"].ratio(v, "process_peak_mb"), 1.5, True)
     if "gpu16m" in results:
-        for v in ("batchlab-fast", "batchlab-compiled"):
+        for v in ("batchlab", "batchlab-compiled"):
             add(
                 f"gpu16m bs 1M: {v} throughput / graph floor",
                 results["gpu16m"].ratio(v, "samples_per_s", base="graph-floor"),
@@ -719,7 +714,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         for name, label in [
             ("notebook", "python -m batchlab.notebook"),
             ("batchlab", "batchlab fit -c configs/seed.yaml"),
-            ("batchlab-fast", "batchlab fit -c configs/seed.yaml -c configs/fast.yaml"),
         ]:
             ratio = process[name]["wall_s"] / process["notebook"]["wall_s"]
             print(f"| {label} | {process[name]['wall_s']:.2f} | {process[name]['peak_mb']:.0f} | {ratio:.2f}x |")

@@ -20,26 +20,26 @@ def test_bench_measures_each_variant_in_its_own_process_and_writes_json(tmp_path
     bench = _bench()
     out = tmp_path / "bench.json"
     args = ["--cases", "seed", "--seed-epochs", "3", "--repeats", "1", "--no-process", "--json", str(out),
-            "--variants", "notebook,floor,batchlab-fast"]  # fmt: skip
+            "--variants", "notebook,floor,batchlab"]  # fmt: skip
     assert bench.main(args) == 0
     data = json.loads(out.read_text())
     runs = data["cases"]["seed"]["runs"]
-    assert set(runs) == {"notebook", "floor", "batchlab-fast"}
+    assert set(runs) == {"notebook", "floor", "batchlab"}
     for variant, (run,) in runs.items():
         assert "error" not in run, (variant, run)
         assert run["step_s"] > 0 and run["samples_per_s"] > 0 and run["process_peak_mb"] > 0
-    run = runs["batchlab-fast"][0]
+    run = runs["batchlab"][0]
     assert run["steps"] == 6 and run["fit_s"] > 0 and run["cpu_step_s"] > 0
     targets = {t["target"]: t for t in data["targets"]}
-    assert targets["seed bs 2: batchlab-fast steady step / floor step"]["value"] > 0
+    assert targets["seed bs 2: batchlab steady step / floor step"]["value"] > 0
     printed = capsys.readouterr().out
     assert "| seed (n=4, bs 2, cpu) | notebook |" in printed and "x floor" in printed
 
 
 def test_batchlab_variants_are_the_seed_config_with_the_cases_data():
     bench = _bench()
-    args = bench.batchlab_args(bench.CASES["1m"], "batchlab-fast", "/tmp/x")
-    assert args[:4] == ["-c", str(bench.SEED_CONFIG), "-c", str(bench.FAST_CONFIG)]
+    args = bench.batchlab_args(bench.CASES["1m"], "batchlab", "/tmp/x")
+    assert args[:2] == ["-c", str(bench.SEED_CONFIG)]
     assert args[args.index("--data.n_samples") + 1] == "1000000"
     assert args[args.index("--data.batch_size") + 1] == "65536"
 

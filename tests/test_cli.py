@@ -179,19 +179,19 @@ BAD_INPUT = [
     (["--data.batch_size", "0"], "batch_size=0"),
     (["--data.batch_size", "-3"], "batch_size=-3"),
     (["--data.batch_size", "abc"], "data.batch_size='abc'"),
-    (["--data.batch_size", "1.5"], "data.batch_size='1.5'"),
+    (["--data.batch_size", "1.5"], "data.batch_size=1.5 is not allowed: use a positive integer"),
     # As typed, not as jsonargparse parsed them (1000.0, True).
-    (["--data.batch_size", "1e3"], "data.batch_size='1e3' is not allowed: use an integer"),
-    (["--data.init_args.batch_size=true"], "data.batch_size='true' is not allowed: use an integer"),
+    (["--data.batch_size", "1e3"], "data.batch_size='1e3' is not allowed: use a positive integer"),
+    (["--data.init_args.batch_size=true"], "data.batch_size='true' is not allowed: use a positive integer"),
     (["--data.n_samples", "0"], "n_samples=0"),
-    (["--data.noise", "-1"], "noise=-1.0"),
+    (["--data.noise", "-1"], "data.noise=-1 is not allowed: use a finite number >= 0"),
     (["--data.val_fraction", "1.5"], "val_fraction=1.5"),
     (["--data.predict_x", "[[1,2,3]]"], "has 3 values"),
     (["--data.no_such_key", "1"], "data.no_such_key is not an option of batchlab.data.ToyRegressionData"),
-    (["--data.n_samples", "x"], "data.n_samples='x' is not allowed: use an integer or null"),
+    (["--data.n_samples", "x"], "data.n_samples='x' is not allowed: use a positive integer or null"),
     (["--model.class_path", "nope.Model"], "model.class_path='nope.Model'"),
     (["--model.optimizer", "foo"], "model.optimizer='foo'"),
-    (["--model.lr", "-1"], "lr=-1.0"),
+    (["--model.lr", "-1"], "model.lr=-1 is not allowed: use a finite number > 0"),
 ]
 
 
@@ -218,7 +218,7 @@ def test_the_installed_command_exits_2_without_a_traceback(tmp_path):
     assert proc.returncode == 2
     # The one line alone: Lightning's "Seed set to 0", logged before the data is built, is not shown.
     assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert proc.stderr.startswith("batchlab: error: batch_size=0 is not allowed")
+    assert proc.stderr.startswith("batchlab: error: data.batch_size=0 is not allowed")
 
 
 # In a subprocess: under pytest, Lightning's loggers write to pytest's handlers, not to the terminal. One process
@@ -273,7 +273,7 @@ def test_bad_input_prints_its_error_line_alone_and_a_run_that_starts_shows_light
 def test_held_start_up_warnings_are_all_shown_even_when_a_catch_warnings_block_outlives_the_hold():
     import warnings
 
-    from batchlab.errors import StartupLines
+    from batchlab.quiet import StartupLines
 
     lines = StartupLines()
     shown = []
@@ -286,20 +286,3 @@ def test_held_start_up_warnings_are_all_shown_even_when_a_catch_warnings_block_o
             lines.show()
         warnings.warn("after", UserWarning)
     assert shown == ["held", "after"] and not lines.held
-
-
-def test_trainers_training_flag_answers_as_lightnings_for_every_stage():
-    from lightning.pytorch import Trainer
-    from lightning.pytorch.trainer.states import RunningStage
-
-    from batchlab.cli import BatchlabTrainer
-
-    ours = BatchlabTrainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
-    theirs = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
-    for stage in [None, *RunningStage, "train", "TRAIN", "validate"]:
-        ours.state.stage = theirs.state.stage = stage
-        assert ours.training == theirs.training, stage
-    for value in (True, False):
-        ours.state.stage = theirs.state.stage = RunningStage.TRAINING
-        ours.training = theirs.training = value
-        assert ours.state.stage == theirs.state.stage and ours.training is value

@@ -197,7 +197,7 @@ def test_notebook_data_with_noise_changes_only_the_targets():
         ({"n_features": 3}, "n_features=3 needs synthetic data"),
         ({"predict_x": [[1.0, 2.0, 3.0]]}, "has 3 values"),
         ({"predict_x": []}, "predict_x=[]"),
-        ({"predict_x": [[1.0, float("inf")]]}, "must be finite"),
+        ({"predict_x": [[1.0, float("inf")]]}, "use a list of lists of finite numbers"),
         ({"x_range": (5.0, 1.0)}, "x_range=[5.0, 1.0]"),
         ({"eval_batch_size": 0}, "eval_batch_size=0"),
     ],

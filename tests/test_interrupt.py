@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from batchlab.cli import make_cli
 from batchlab.data import ToyRegressionData
 from batchlab.model import MLPRegressor
-from batchlab.stopping import StopTogether
+from batchlab.signals import StopTogether
 from batchlab.summary import RunSummary
 
 DATA = ["--data.n_samples", "512", "--data.batch_size", "32"]
@@ -154,9 +154,9 @@ def test_the_checkpoint_named_is_the_one_saved_last_even_where_file_times_tie(tm
         os.utime(tmp_path / "ckpt" / name, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
     result = summary.finish_interrupted(trainer)
     assert (tmp_path / "summary.json").is_file()
-    assert result["checkpoint_step"] == result["steps"] == 42
-    assert result["checkpoint"] == str(tmp_path / "ckpt" / "epoch=10-step=42.ckpt")
-    assert torch.load(result["checkpoint"], weights_only=False)["global_step"] == 42
+    assert result.checkpoint_step == result.steps == 42
+    assert result.checkpoint == str(tmp_path / "ckpt" / "epoch=10-step=42.ckpt")
+    assert torch.load(result.checkpoint, weights_only=False)["global_step"] == 42
 
 
 def test_only_batchlabs_own_checkpoint_saves_on_interruption_and_only_on_one_device(tmp_path, monkeypatch):

@@ -241,7 +241,7 @@ def test_any_lightning_module_and_datamodule_by_class_path(batchlab, tmp_path):
         (["--max_steps", "0"], "max_steps=0"),
         (["--lr_rule", "cubic"], "lr_rule='cubic'"),
         (["--monitor", "val/nope"], "does not log monitor='val/nope'"),
-        (["--target", "nan"], "target='nan' is not allowed"),
+        (["--target", "nan"], "target=nan is not allowed"),
         (["--gns_batch_size", "1"], "gns_batch_size=1 is not allowed"),
         (["--gns_batch_size", "100000"], "gns_batch_size=100000 is not allowed"),
         (["--trainer.accumulate_grad_batches", "2"], "accumulate_grad_batches=2 is not allowed in a study"),
@@ -270,14 +270,6 @@ def test_a_study_folder_that_cannot_be_made_is_a_one_line_error(batchlab, tmp_pa
     result = batchlab(*[a if a != "study" or i == 0 else "taken/study" for i, a in enumerate(TINY)])
     assert result.code == 2 and "cannot create the study folder taken/study" in result.err.strip().splitlines()[-1]
     assert (tmp_path / "taken").read_text() == "a file, not a folder"
-
-
-def test_the_lean_step_model_gets_its_noise_scale_too(batchlab, tmp_path):
-    result = batchlab(*TINY, "--model.init_args.lean_step", "true", "--quick")
-    assert result.code == 0, result.err[-2000:]
-    quick = json.loads((tmp_path / "study" / "quick.json").read_text())
-    assert quick["b_simple_method"] == "per_example" and quick["b_simple"] > 0
-    assert [e["batch_size"] for e in quick["batch_sizes"]] == quick["grid"]
 
 
 @pytest.mark.slow

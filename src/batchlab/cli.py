@@ -17,11 +17,8 @@ Tests call ``main([...])``.
 
 from __future__ import annotations
 
-import logging
-import re
 import sys
 import warnings
-from collections.abc import Sequence
 from typing import Any, Literal, Optional
 
 import yaml
@@ -30,12 +27,13 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.trainer.states import RunningStage
 
-from batchlab.errors import STARTUP_LINES, ConfigError, RunInterrupted, signal_of
+from batchlab.errors import ConfigError, one_line
 from batchlab.preflight import check_checkpoint, check_config_files, check_data, check_run
-from batchlab.stopping import StopTogether, noting_signals
-from batchlab.summary import PredictionPrinter, RunSummary, format_summary, global_seed
+from batchlab.quiet import STARTUP_LINES, drop_noise
+from batchlab.runs import global_seed
+from batchlab.signals import RunInterrupted, StopTogether, noting_signals, signal_of
+from batchlab.summary import FitSummary, PredictionPrinter, RunSummary, format_summary
 from batchlab.tune import BatchSizeSearch, check_not_distributed, format_tune, run_tune, write_tune
 
 
@@ -57,22 +55,6 @@ class BatchlabTrainer(Trainer):
         self.init_kwargs = dict(kwargs)
         self.study_config: Optional[dict[str, Any]] = None
         super().__init__(*args, **kwargs)
-
-    @property
-    def training(self) -> bool:
-        # Lightning asks this a dozen times per step (which loop is active, around hooks and logging), and its
-        # ``stage == RunningStage.TRAINING`` goes through StrEnum.__eq__ (two str.lower calls): ~5% of a seed step.
-        # The stage is a RunningStage member or None; anything else gets Lightning's comparison.
-        stage = self.state.stage
-        if stage is RunningStage.TRAINING:
-            return True
-        if stage is None or type(stage) is RunningStage:
-            return False
-        return stage == RunningStage.TRAINING
-
-    @training.setter
-    def training(self, val: bool) -> None:
-        Trainer.training.fset(self, val)  # type: ignore[attr-defined]
 
     def fit(self, *args: Any, **kwargs: Any) -> None:
         """Lightning's fit. When a signal stops it, Lightning has already run every ``on_exception`` hook (the
@@ -322,22 +304,6 @@ def make_cli(args: Optional[list[str]] = None, run: bool = True) -> BatchlabCLI:
     )
 
 
-def _not_a_tip(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
-
-
-def _quiet_lightning() -> None:
-    """Drop the start-up noise that says nothing about the run: advertising tips, an empty validation set's
-    warning (no validation split is the notebook's setting), warnings about Lightning's own internals, and the
-    warning that ``args`` repeats ``sys.argv``."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_a_tip)
-    warnings.filterwarnings("ignore", message="Total length of .* across ranks is zero")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
-    # main() hands LightningCLI the command line it has read (and amended: --quick, default classes) itself.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-
-
 DEFAULT_CLASSES = {"model": "batchlab.model.MLPRegressor", "data": "batchlab.data.ToyRegressionData"}
 
 
@@ -384,7 +350,7 @@ def _expand_switches(args: list[str]) -> list[str]:
 
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``batchlab`` command."""
-    _quiet_lightning()
+    drop_noise()
     args = _expand_switches(sys.argv[1:] if args is None else list(args))
     STARTUP_LINES.hold()
     try:
@@ -422,14 +388,13 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def _interrupted_message(trainer: Trainer, signame: str, summary: Optional[dict[str, Any]]) -> Optional[str]:
+def _interrupted_message(trainer: Trainer, signame: str, summary: Optional[FitSummary]) -> Optional[str]:
     if not trainer.is_global_zero:
         return None
     where = f"interrupted by {signame} at epoch {trainer.current_epoch}, step {trainer.global_step}"
-    checkpoint = summary and summary.get("checkpoint")
-    if not checkpoint:
+    if summary is None or not summary.checkpoint:
         return f"{where}; no checkpoint was saved, nothing to resume from"
-    return f"{where}; resume from step {summary['checkpoint_step']} with --ckpt_path {checkpoint}"
+    return f"{where}; resume from step {summary.checkpoint_step} with --ckpt_path {summary.checkpoint}"
 
 
 def _config_error_in(err: BaseException) -> Optional[ConfigError]:
@@ -440,88 +405,6 @@ def _config_error_in(err: BaseException) -> Optional[ConfigError]:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
-
-
-_TYPE_NAMES = {
-    "int": "an integer",
-    "float": "a number",
-    "bool": "true or false",
-    "str": "a string",
-    "list": "a list",
-    "dict": "a mapping",
-    "NoneType": "null",
-}
-
-
-def one_line(err: BaseException, args: Sequence[str] = ()) -> str:
-    """Condense an error message (jsonargparse's are several indented lines) into one readable line; a bad value
-    given by a flag in ``args`` is quoted as typed there."""
-    return _condense(str(err).strip(), args=args)
-
-
-def _condense(text: str, prefix: str = "", args: Sequence[str] = ()) -> str:
-    m = re.match(r'Parser key "([^"]+)":\s*(.*)', text, re.S)
-    if not m:
-        line = _flat(text)
-        if "does not accept option" in line or "unrecognized arguments" in line:
-            line += " (--help lists the accepted keys)"
-        return line
-    key, rest = prefix + m.group(1), m.group(2)
-    if key == "config":
-        return _flat(rest)
-    # A class given by class_path: jsonargparse lists what failed for the class first, then for null.
-    alternative = re.search(r"Errors:\n\s*- (.*)\n\s*- Expected a <class 'NoneType'>", rest, re.S)
-    if alternative and re.match(r"Problem with given class_path|Import path", alternative.group(1)):
-        inner = alternative.group(1)
-        given = re.match(r"Problem with given class_path '([\w.]+)':\s*(.*)", inner, re.S)
-        if not given:
-            return f"{key}: {_flat(inner)}"
-        class_path, problem = given.group(1), given.group(2).strip()
-        if problem.startswith("Parser key"):
-            return _condense(problem, key + ".", args)
-        option = re.match(r"Option '(\w+)' is not accepted", problem)
-        if option:
-            return f"{key}.{option.group(1)} is not an option of {class_path} (--help lists the accepted keys)"
-        return f"{key}.class_path={class_path!r} is not allowed: {_flat(problem)}"
-    value = re.search(r"(?:Given|Got) value: (.*)", rest)
-    expected = []
-    for name in re.findall(r"Expected a (<class '[\w.]+'>|typing\.Literal\[[^\]]*\])", rest):
-        literal = re.match(r"typing\.Literal\[(.*)\]", name)
-        expected.append("one of " + literal.group(1) if literal else _TYPE_NAMES.get(name[8:-2], name))
-    if value and expected:
-        if value.group(1).strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
-            # jsonargparse refuses NaN and infinity as floats; say that it is the value, not its type.
-            expected = ["a finite number" if e == "a number" else e for e in expected]
-        allowed = " or ".join(dict.fromkeys(expected))
-        return f"{key}={_as_typed(key, value.group(1).strip(), args)!r} is not allowed: use {allowed}"
-    return f"{key}: {_flat(rest)}"
-
-
-def _as_typed(key: str, value: str, args: Sequence[str]) -> str:
-    """``value`` as the user typed it where a flag for ``key`` gave it: jsonargparse reports the value it parsed
-    (``1e3`` as 1000.0, ``true`` as True)."""
-    head, _, tail = key.partition(".")
-    flags = {f"--{key}", f"--{head}.init_args.{tail}"}
-    typed = None
-    for i, arg in enumerate(args):  # the last one given is the one parsed
-        name, eq, rest = arg.partition("=")
-        if name in flags:
-            typed = rest if eq else (args[i + 1] if i + 1 < len(args) else None)
-    if typed is None:
-        return value
-    # Only where the report is the typed value parsed: a list is reported by its bad element (x_range=[0, inf] as
-    # 'inf', which says more), and a config file read after the flag may have given the value instead.
-    parsed = {typed}
-    for parse in (yaml.safe_load, float):
-        try:
-            parsed.add(str(parse(typed)))
-        except (yaml.YAMLError, ValueError):
-            pass
-    return typed if value in parsed else value
-
-
-def _flat(text: str) -> str:
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from batchlab.errors import ConfigError, check
+from batchlab.errors import (ConfigError, FiniteFloat, Fraction, NonNegativeFloat, PositiveInt, check,
+                             check_arguments)
 from batchlab.notebook import NOTEBOOK_X, NOTEBOOK_Y
 from batchlab.synthetic import make_synthetic
 
@@ -221,44 +222,33 @@ class ToyRegressionData(LightningDataModule):
 
     def __init__(
         self,
-        batch_size: int = 2,
+        batch_size: PositiveInt = 2,
         shuffle: bool = True,
         drop_last: bool = False,
-        n_samples: Optional[int] = None,
-        n_features: int = 2,
-        noise: float = 0.0,
-        x_range: tuple[float, float] = (0.0, 10.0),
+        n_samples: Optional[PositiveInt] = None,
+        n_features: PositiveInt = 2,
+        noise: NonNegativeFloat = 0.0,
+        x_range: tuple[FiniteFloat, FiniteFloat] = (0.0, 10.0),
         data_seed: int = 0,
-        val_fraction: float = 0.0,
-        test_fraction: float = 0.0,
-        eval_batch_size: Optional[int] = None,
-        predict_x: Optional[list[list[float]]] = None,
+        val_fraction: Fraction = 0.0,
+        test_fraction: Fraction = 0.0,
+        eval_batch_size: Optional[PositiveInt] = None,
+        predict_x: Optional[list[list[FiniteFloat]]] = None,
         on_device: bool = True,
         device_shuffle: bool = False,
     ) -> None:
         super().__init__()
-        _check_positive_int("batch_size", batch_size)
-        if n_samples is not None:
-            _check_positive_int("n_samples", n_samples)
-        _check_positive_int("n_features", n_features)
+        check_arguments(ToyRegressionData.__init__, locals())
         check(
             n_samples is not None or n_features == 2,
             f"n_features={n_features} needs synthetic data: the notebook's points have 2 features; set n_samples",
         )
-        check(math.isfinite(noise) and noise >= 0, f"noise={noise} is not allowed: use a finite number >= 0")
         low, high = x_range
-        check(
-            math.isfinite(low) and math.isfinite(high) and low < high,
-            f"x_range={list(x_range)} is not allowed: use two finite numbers [low, high] with low < high",
-        )
-        for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            check(0 <= frac < 1, f"{name}={frac} is not allowed: use a number in [0, 1)")
+        check(low < high, f"x_range={list(x_range)} is not allowed: use two finite numbers [low, high] with low < high")
         check(
             val_fraction + test_fraction < 1,
             f"val_fraction + test_fraction = {val_fraction + test_fraction} leaves no training data: keep it below 1",
         )
-        if eval_batch_size is not None:
-            _check_positive_int("eval_batch_size", eval_batch_size)
         if predict_x is None:
             predict_x = [[10.0 + i for i in range(n_features)]]
         check(len(predict_x) > 0, "predict_x=[] is not allowed: give at least one row")
@@ -267,9 +257,9 @@ class ToyRegressionData(LightningDataModule):
                 len(row) == n_features,
                 f"predict_x row {list(row)} has {len(row)} values: each row needs n_features={n_features}",
             )
-            check(all(math.isfinite(v) for v in row), f"predict_x row {list(row)} is not allowed: values must be finite")
         self.save_hyperparameters()
-        self.hparams.predict_x = predict_x
+        # Plain floats: the parsed values are jsonargparse's FiniteFloat, which torch's safe loader would refuse.
+        self.hparams.predict_x = [[float(v) for v in row] for row in predict_x]
         n = n_samples if n_samples is not None else len(NOTEBOOK_X)
         check(
             self.train_size() >= 1,
@@ -391,13 +381,6 @@ class ToyRegressionData(LightningDataModule):
     def predict_dataloader(self) -> TensorBatches:
         return TensorBatches((self._predict,), self._eval_batch_size())
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        # The tensors live on the training device already (``on_device``), so batches need no move; skip
-        # Lightning's generic walk over the batch, a measurable share of a small step.
-        if isinstance(batch, (tuple, list)) and all(isinstance(t, Tensor) and t.device == device for t in batch):
-            return batch
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def _eval_batch_size(self) -> int:
         return self.hparams.eval_batch_size or self.batch_size
 
@@ -405,8 +388,3 @@ class ToyRegressionData(LightningDataModule):
 def _split_size(n: int, fraction: float) -> int:
     # A held-out split gets at least two samples: R2 is undefined on one.
     return 0 if fraction == 0 else max(2, round(n * fraction))
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}={value!r} is not allowed: use a positive integer (1, 2, 3, ...)")

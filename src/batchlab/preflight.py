@@ -37,7 +37,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from batchlab.data import ToyRegressionData
 from batchlab.errors import ConfigError, check
-from batchlab.summary import run_dir
+from batchlab.runs import run_dir
 
 # What a run leaves in its folder; any of them there means the folder is taken.
 RUN_MARKERS = ("config.yaml", "summary.json", "hparams.yaml", "tune.json", "metrics.csv", "checkpoints")

@@ -26,8 +26,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from batchlab.study import jsonable
-from batchlab.summary import write_atomically
+from batchlab.files import jsonable, write_atomically
 
 TRIAL_COLUMNS = ["batch_size", "lr", "lr_factor", "status", "steps", "samples", "seconds_to_target", "steps_run",
                  "max_steps", "wall_s", "best_value", "final_value"]

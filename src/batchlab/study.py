@@ -53,9 +53,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from batchlab import scaling
-from batchlab.errors import STARTUP_LINES, ConfigError, RunInterrupted, check, signal_of
-from batchlab.stopping import StopTogether, agreed_signal, noting_signals
-from batchlab.summary import device_name, write_atomically
+from batchlab._lightning import runs_fits_in_this_process
+from batchlab.errors import ConfigError, check
+from batchlab.files import jsonable, write_atomically
+from batchlab.quiet import STARTUP_LINES, quiet_lightning
+from batchlab.runs import device_name
+from batchlab.signals import RunInterrupted, StopTogether, agreed_signal, noting_signals, signal_of
 
 # Trainer arguments a study sets itself for each of its runs; every other one (accelerator, devices, precision,
 # strategy, gradient clipping...) comes from the configuration.
@@ -236,19 +239,6 @@ class StudyFolder:
         write_atomically(path, json.dumps(jsonable(data), indent=1, allow_nan=False) + "\n")
 
 
-def jsonable(data: Any) -> Any:
-    """``data`` as strict JSON allows it: non-finite numbers (an infinite noise scale, say) become null."""
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {str(k): jsonable(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [jsonable(v) for v in data]
-    if data is None or isinstance(data, (str, int, bool)):
-        return data
-    return str(data)
-
-
 def _diff(a: Any, b: Any, prefix: str = "") -> set[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out: set[str] = set()
@@ -350,24 +340,6 @@ class Snapshots(Callback):
             self._keep(trainer, pl_module)
 
 
-@contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Silence the per-run chatter of the many short fits a study makes (device lines, 'max_steps reached'...)."""
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PossibleUserWarning)
-        warnings.filterwarnings("ignore", message=".*self.log.*trainer.*reference is not registered")
-        warnings.filterwarnings("ignore", message=".*larger than the .* training samples")
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
-
-
 class Study:
     """Runs one study; ``run()`` returns the summary that ``batchlab.report`` writes out."""
 
@@ -377,9 +349,8 @@ class Study:
         check(datamodule is not None, "the study needs a LightningDataModule (--data.class_path)")
         check_batch_size_holder(model, datamodule)
         self.lr_attr = lr_name(model)
-        # The noise scale differentiates the loss training_step returns; with manual optimization it returns none
-        # (batchlab's own lean_step model is switched back to automatic optimization for those estimates).
-        check(model.automatic_optimization or bool(getattr(model, "hparams", {}).get("lean_step")),
+        # The noise scale differentiates the loss training_step returns; with manual optimization it returns none.
+        check(model.automatic_optimization,
               f"{type(model).__name__} uses manual optimization: the study needs training_step to return the "
               "loss (automatic optimization) to measure the gradient noise scale")
         accumulate = trainer_kwargs.get("accumulate_grad_batches") or 1
@@ -714,7 +685,6 @@ class Study:
         b_big = self.noise_batch_size
         batches = self._noise_batches(b_big, device)
         probe = copy.deepcopy(self.model).to(device)
-        probe.automatic_optimization = True  # so that training_step returns the loss (see __init__)
         curve = {p["step"]: p["value"] for p in recorder.curve}
         points, finite, method = [], {}, None
         for step, state in snapshots.states:
@@ -887,18 +857,6 @@ class Study:
         if self._bar is not None:
             self._bar.total += n
             self._bar.refresh()
-
-
-def runs_fits_in_this_process(strategy: Strategy) -> bool:
-    """Whether each rank runs the fits in its own, lasting process (DDP started by Lightning re-running the command,
-    by torchrun or by SLURM), as the study's sequence of fits needs; spawned ranks (``ddp_spawn``) end with each fit.
-
-    Lightning says which way it starts ranks only through its launcher's class, a private name: kept here alone.
-    """
-    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-
-    return isinstance(strategy, DDPStrategy) and (strategy.launcher is None
-                                                  or isinstance(strategy.launcher, _SubprocessScriptLauncher))
 
 
 def _rows(batch: Any, start: int, stop: int) -> Any:

@@ -35,7 +35,9 @@ from lightning.pytorch.utilities.exceptions import _TunerExitException  # privat
 from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_setattr
 
 from batchlab.errors import ConfigError, check
-from batchlab.summary import device_name, log_hparams, run_hparams, write_json
+from batchlab._lightning import rebuild_dataloaders, stop_after_search
+from batchlab.files import write_json
+from batchlab.runs import device_name, log_hparams, run_hparams
 
 STOP_REASONS = ("out_of_memory", "dataset_size", "max_val", "max_trials")
 
@@ -279,17 +281,6 @@ def _trained(trial: dict[str, Any]) -> bool:
     return trial["ok"] and not trial.get("no_batch")
 
 
-def rebuild_dataloaders(trainer: Trainer) -> None:
-    """Build the running loop's dataloaders again, so that they read the batch size set since they were built.
-
-    Lightning's own between-trial reset (``batch_size_scaling._reset_dataloaders``, private: Lightning has no public
-    way to reload a fit's dataloaders in the middle of ``on_fit_start``). ``tests/test_tune.py`` checks the steps a
-    fit after a corrected search trains."""
-    from lightning.pytorch.tuner.batch_size_scaling import _reset_dataloaders
-
-    _reset_dataloaders(trainer)
-
-
 def _drops_last(trainer: Trainer) -> bool:
     """Whether the training loader the search ran with drops its last, smaller batch (a DataLoader's or batchlab's
     ``drop_last``; False for loaders without one)."""
@@ -407,8 +398,7 @@ def run_tune(trainer: Trainer, model: LightningModule, datamodule: Any, finder: 
     after the search; no public hook does it.
     """
     check_not_distributed(trainer)
-    # The finder's own flag for "stop after the search"; Tuner.scale_batch_size sets it the same way.
-    finder._early_exit = True
+    stop_after_search(finder)
     trainer.callbacks = [finder] + [c for c in trainer.callbacks if not isinstance(c, BatchSizeFinder)]
     try:
         trainer.fit(model, datamodule=datamodule)

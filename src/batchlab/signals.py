@@ -1,4 +1,9 @@
-"""Stopping on Ctrl+C or SIGTERM under DDP: every rank stops after the same training step, or none does.
+"""Signals: Ctrl+C (SIGINT) and SIGTERM stop a fit or a study cleanly, and under DDP every rank stops after the
+same training step, or none does.
+
+``RunInterrupted`` ends a fit or a study stopped by a signal once what it had finished is saved; ``batchlab.cli.main``
+prints its message as one line and exits with the shell's status for the signal (130, 143). ``signal_of`` tells
+which signal is behind the exception Lightning ends an interrupted fit with.
 
 ``batchlab fit`` adds ``StopTogether`` to its Trainer when it runs on several processes; ``batchlab study`` adds a
 subclass to each of its fits. On one process neither is used: Lightning's own handling is right there.
@@ -35,6 +40,36 @@ from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class RunInterrupted(Exception):
+    """A fit or a study stopped by a signal, after saving what it had finished.
+
+    Args:
+        signame: ``SIGINT`` or ``SIGTERM``.
+        message: The line to print (None on ranks other than 0, which print nothing).
+        summary: The fit's summary as written to summary.json, if this rank wrote it.
+    """
+
+    def __init__(self, signame: str, message: Optional[str], summary: Optional[dict[str, Any]] = None) -> None:
+        super().__init__(message or f"interrupted by {signame}")
+        self.signame = signame
+        self.message = message
+        self.summary = summary
+        # The shell's convention for a process ended by a signal: 128 + its number.
+        self.exit_code = 128 + int(getattr(signal, signame))
+
+
+def signal_of(exc: BaseException) -> Optional[str]:
+    """The signal behind the exception Lightning ends an interrupted fit with, if a signal was the cause:
+    ``SIGTERMException`` after SIGTERM, ``sys.exit(1)`` raised while handling the KeyboardInterrupt of Ctrl+C."""
+    if isinstance(exc, SIGTERMException):
+        return "SIGTERM"
+    if isinstance(exc, KeyboardInterrupt) or (
+        isinstance(exc, SystemExit) and isinstance(exc.__context__, KeyboardInterrupt)
+    ):
+        return "SIGINT"
+    return None
 
 
 @contextmanager
