@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,6 +35,7 @@ import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from batchlab.arguments import config_values, inline_config
 from batchlab.data import ToyRegressionData
 from batchlab.errors import ConfigError, check
 from batchlab.runs import run_dir
@@ -48,10 +49,12 @@ CKPT_WORDS = ("last", "best", "hpc")
 def check_config_files(args: Sequence[str]) -> None:
     """Refuse a config file given with ``-c``/``--config`` that is missing or not YAML, naming it and where it
     breaks."""
-    for path in _config_files(args):
+    for path in config_values(args):
+        # jsonargparse also takes the configuration itself (-c '{trainer: {max_epochs: 1}}'); as a path, one
+        # longer than a file name may be would fail the checks below.
+        if inline_config(path) is not None:
+            continue
         if not Path(path).is_file():
-            if _inline_config(path):
-                continue  # jsonargparse also takes the configuration itself: -c '{trainer: {max_epochs: 1}}'
             problem = "it is a folder, not a file" if Path(path).is_dir() else "there is no such file"
             raise ConfigError(
                 f"config={path!r} is not allowed: {problem}; pass the path of a YAML file (e.g. configs/seed.yaml)"
@@ -63,22 +66,6 @@ def check_config_files(args: Sequence[str]) -> None:
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ConfigError(f"config={path!r} is not allowed: it is not valid YAML{where} ({problem})") from None
-
-
-def _inline_config(value: str) -> bool:
-    try:
-        return isinstance(yaml.safe_load(value), dict)
-    except yaml.YAMLError:
-        return False
-
-
-def _config_files(args: Sequence[str]) -> Iterator[str]:
-    args = list(args)
-    for i, arg in enumerate(args):
-        if arg in ("-c", "--config") and i + 1 < len(args):
-            yield args[i + 1]
-        elif arg.startswith("--config="):
-            yield arg.split("=", 1)[1]
 
 
 def check_run(trainer: Trainer) -> None:
