@@ -235,7 +235,7 @@ class BatchlabCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path is not None:
-            check_checkpoint(ckpt_path)
+            check_checkpoint(ckpt_path, subcommand)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
