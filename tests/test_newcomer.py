@@ -1,7 +1,7 @@
 """A newcomer's path through the command: without ``-c``, ``batchlab fit`` (validate, test, predict, tune) runs the
 seed experiment and ``batchlab study`` the default study, from the configs shipped in the package (a pip-installed
 batchlab needs no checkout); a class of the user's gets none of those configs' settings; a ``-c`` of the user's is
-used as given."""
+used as given; and a checkpoint's hyperparameters that replace a setting the user gave are said in one line."""
 
 import os
 import shutil
@@ -12,6 +12,8 @@ import zipfile
 import pytest
 import yaml
 from conftest import CONFIGS, QUIET, ROOT, SEED, STUDY, load_summary, run_dirs, scalars
+
+NOTE = "(LightningCLI restores a checkpoint's hyperparameters)"
 
 
 def _printed(batchlab, *args):
@@ -75,6 +77,29 @@ def test_study_quick_without_a_config_runs_the_default_study(batchlab, tmp_path)
     assert result.code == 0, result.err[-2000:]
     assert "Recommended batch size:" in result.out
     assert (tmp_path / "studies" / "toy" / "quick.json").is_file()
+
+
+def test_a_checkpoints_hyperparameters_that_replace_a_setting_given_are_said_in_one_line(batchlab, tmp_path):
+    assert batchlab("fit", *QUIET, "--trainer.max_epochs", "2").code == 0
+    (ckpt,) = (run_dirs(tmp_path)[0] / "checkpoints").glob("*.ckpt")
+    predict = ["predict", *QUIET, "--ckpt_path", str(ckpt)]
+    plain = batchlab(*predict)
+    assert plain.code == 0 and "note:" not in plain.err
+    result = batchlab(*predict, "--model.hidden_sizes", "[16]")
+    assert result.code == 0, result.err[-2000:]
+    notes = [line for line in result.err.splitlines() if line.startswith("batchlab: note:")]
+    assert notes == [f"batchlab: note: --model.hidden_sizes [16] is replaced by the checkpoint's hidden_sizes=[8] "
+                     f"{NOTE}"]
+    assert result.out == plain.out, "it predicts with the checkpoint's model"
+    # A value from the user's -c, and several at once.
+    (tmp_path / "wide.yaml").write_text("model:\n  init_args:\n    hidden_sizes: [4]\n")
+    result = batchlab(*predict, "-c", SEED, "-c", "wide.yaml", "--model.init_args.lr", "0.5")
+    assert result.code == 0, result.err[-2000:]
+    assert (f"batchlab: note: model.hidden_sizes [4] (in wide.yaml), --model.lr 0.5 are replaced by the "
+            f"checkpoint's hidden_sizes=[8], lr=0.001 {NOTE}") in result.err.splitlines()
+    # Nothing when they agree: configs/seed.yaml gives the values the checkpoint was trained with.
+    result = batchlab(*predict, "-c", SEED, "--model.hidden_sizes", "[8]")
+    assert result.code == 0 and "note:" not in result.err
 
 
 PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check"]

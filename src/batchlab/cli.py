@@ -28,10 +28,11 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_only
 
-from batchlab.arguments import amend, expand_switches
+from batchlab.arguments import amend, expand_switches, given_settings
 from batchlab.errors import ConfigError, one_line
-from batchlab.preflight import check_checkpoint, check_config_files, check_data, check_run
+from batchlab.preflight import check_checkpoint, check_config_files, check_data, check_run, replaced_by_checkpoint
 from batchlab.quiet import STARTUP_LINES, drop_noise
 from batchlab.runs import global_seed
 from batchlab.signals import RunInterrupted, StopTogether, noting_signals, signal_of
@@ -197,6 +198,8 @@ class BatchlabCLI(LightningCLI):
 
     def __init__(self, *args: Any, only: Optional[str] = None, **kwargs: Any) -> None:
         self.only = only if only in self.SUBCOMMANDS else None
+        self.given: dict[str, str] = {}  # the model settings the user gave (batchlab.arguments.given_settings)
+        self.model_as_given: Any = None  # the model's configuration before a checkpoint's hyperparameters
         super().__init__(*args, **kwargs)
 
     def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]
@@ -229,6 +232,7 @@ class BatchlabCLI(LightningCLI):
         if args is None or isinstance(args, (list, tuple)):
             args = list(sys.argv[1:] if args is None else args)
             check_config_files(args)
+            self.given = given_settings(args, self.subcommands())
             args = amend(args, self.subcommands())
         super().parse_arguments(parser, args)
         # Checked here because LightningCLI loads the checkpoint next, to read its hyperparameters.
@@ -236,6 +240,14 @@ class BatchlabCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path is not None:
             check_checkpoint(ckpt_path, subcommand)
+            self.model_as_given = self.config[subcommand].get("model").clone()
+
+    def before_instantiate_classes(self) -> None:
+        # LightningCLI has replaced the model's settings with the checkpoint's: say so where the user gave others.
+        if self.model_as_given is not None:
+            note = replaced_by_checkpoint(self.given, self.model_as_given, self.config[self.subcommand].get("model"))
+            if note and rank_zero_only.rank == 0:
+                print(f"batchlab: note: {note}", file=sys.stderr)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

@@ -3,7 +3,8 @@ while nothing has been written yet.
 
 ``batchlab.cli`` calls them for every subcommand: ``check_config_files(args)`` before the command line is parsed,
 ``check_checkpoint(ckpt_path)`` as soon as it is (LightningCLI loads the checkpoint right after, to read its
-hyperparameters) and ``check_run(trainer)`` once the trainer is built. Each covers a case where jsonargparse or
+hyperparameters; ``replaced_by_checkpoint`` then says which of the user's model settings they replaced) and
+``check_run(trainer)`` once the trainer is built. Each covers a case where jsonargparse or
 Lightning would otherwise say too little or go wrong late:
 
 - a config file that is missing, which jsonargparse reports without saying what to give instead, or that is not
@@ -26,6 +27,7 @@ Lightning would otherwise say too little or go wrong late:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -42,6 +44,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from batchlab.arguments import config_values, inline_config
 from batchlab.data import ToyRegressionData
 from batchlab.errors import ConfigError, check
+from batchlab.files import jsonable
 from batchlab.runs import run_dir
 
 # What a run leaves in its folder; any of them there means the folder is taken.
@@ -162,6 +165,34 @@ def _contents(loaded: Any) -> str:
         return f"it holds a {type(loaded).__name__}"
     keys = ", ".join(map(repr, list(loaded)[:4]))
     return f"its keys are {keys}{', ...' if len(loaded) > 4 else ''}" if loaded else "it is an empty dict"
+
+
+def replaced_by_checkpoint(given: dict[str, str], before: Any, after: Any) -> Optional[str]:
+    """What LightningCLI replaced of the model's settings the user gave (``given``: each with where it was given,
+    ``batchlab.arguments.given_settings``) by a checkpoint's hyperparameters, as one line; None if nothing.
+    ``before`` and ``after`` are the model's configuration before and after it did."""
+    was, now = _model_settings(before), _model_settings(after)
+    changed = [k for k in given if k in now and jsonable(was.get(k)) != jsonable(now[k])]
+    if not changed:
+        return None
+    said = ", ".join(
+        f"{given[k]} {_shown(was.get(k))}" if given[k].startswith("--")
+        else f"model.{k} {_shown(was.get(k))} (in {given[k]})"
+        for k in changed
+    )
+    found = ", ".join(f"{k}={_shown(now[k])}" for k in changed)
+    verb = "is" if len(changed) == 1 else "are"
+    return f"{said} {verb} replaced by the checkpoint's {found} (LightningCLI restores a checkpoint's hyperparameters)"
+
+
+def _model_settings(config: Any) -> dict[str, Any]:
+    settings = config.as_dict() if hasattr(config, "as_dict") else dict(config or {})
+    return {"class_path": settings.get("class_path"), **(settings.get("init_args") or {}),
+            **(settings.get("dict_kwargs") or {})}
+
+
+def _shown(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(jsonable(value))
 
 
 def check_run_folder(trainer: Trainer) -> None:
