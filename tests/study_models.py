@@ -1,7 +1,7 @@
 """A second model and data, unlike batchlab's own, to prove the study works with any LightningModule and
 LightningDataModule: a classifier trained with Adam whose learning rate is a ``learning_rate`` hparam, logging
 ``val/acc`` (a metric to maximise), fed by a plain ``DataLoader`` from a DataModule whose batch size is a plain
-attribute. Used by class_path (``study_models.Classifier``) from tests/test_study.py."""
+attribute. Used by class_path (``study_models.Classifier``) from tests/test_study.py and tests/test_newcomer.py."""
 
 import torch
 import torch.nn.functional as F
@@ -77,3 +77,14 @@ class ManualClassifier(Classifier):
         loss = F.cross_entropy(self.net(batch[0]), batch[1])
         self.manual_backward(loss)
         opt.step()
+
+
+class SharedNames(Classifier):
+    """Arguments named as those of batchlab's MLP, with other defaults: given by class_path, it must get its own
+    defaults, none of the values batchlab's configs set for the MLP."""
+
+    def __init__(
+        self, dim: int = 4, lr: float = 0.5, hidden_sizes: list[int] = [3], momentum: float = 0.25  # noqa: B006
+    ) -> None:
+        super().__init__(dim, learning_rate=lr)
+        self.hidden_sizes, self.momentum = hidden_sizes, momentum

@@ -7,8 +7,10 @@ stays byte-identical and no new file or folder appears anywhere.
 
 import os
 import shutil
+import zipfile
 
 import pytest
+import torch
 from conftest import QUIET, SEED, run_command, run_dirs, snapshot
 
 FIT_ONCE = ["--trainer.max_epochs", "2"]
@@ -35,11 +37,24 @@ def workdir(earlier, tmp_path):
     (tmp_path / "nan.yaml").write_text("data:\n  noise: .nan\n")
     (tmp_path / "typed.yaml").write_text("data:\n  batch_size: many\n")
     (tmp_path / "broken.ckpt").write_text("not a checkpoint\n")
+    _bad_checkpoints(tmp_path)
     readonly = tmp_path / "readonly"
     readonly.mkdir()
     readonly.chmod(0o555)
     yield tmp_path
     readonly.chmod(0o755)
+
+
+def _bad_checkpoints(root):
+    """What a newcomer might pass as a checkpoint: a zip torch did not write, a bare state_dict, a whole pickled
+    module, and, to resume a fit, the earlier run's checkpoint less all but its weights."""
+    with zipfile.ZipFile(root / "archive.zip", "w") as archive:
+        archive.writestr("notes.txt", "a zip, but not one torch wrote")
+    torch.save({"net.0.weight": torch.zeros(8, 2), "net.0.bias": torch.zeros(8)}, root / "weights.pt")
+    torch.save(torch.nn.Linear(2, 1), root / "module.pt")
+    full = torch.load(root / CKPT, weights_only=True)
+    torch.save({k: v for k, v in full.items() if k not in ("optimizer_states", "loops", "callbacks", "lr_schedulers")},
+               root / "weights-only.ckpt")
 
 
 READONLY = pytest.mark.skipif(
@@ -81,6 +96,19 @@ ONE_COMMAND = [
     ("predict", ["--ckpt_path", "missing.ckpt"], "ckpt_path='missing.ckpt' is not allowed: there is no such file"),
     ("predict", ["--ckpt_path", "broken.ckpt"], "ckpt_path='broken.ckpt' is not allowed: it is not a checkpoint"),
     ("predict", ["--ckpt_path", CKPT, "--data.predict_x", "[[1, 2, 3]]"], "has 3 values"),
+    *[(command, ["--ckpt_path", path], f"ckpt_path={path!r} is not allowed: {problem}; give the path of a "
+                                       "checkpoint a fit saved (runs/NAME/version_N/checkpoints/*.ckpt)")
+      for command in ("fit", "validate", "test", "predict")
+      for path, problem in [
+          ("archive.zip", "it is a zip archive that torch.save did not write (no data.pkl in it)"),
+          ("weights.pt", "it is a torch file but not a Lightning checkpoint (no 'pytorch-lightning_version' or "
+                         "'state_dict'; its keys are 'net.0.weight', 'net.0.bias')"),
+          ("module.pt", "it holds pickled objects (torch.nn.modules.linear.Linear) that torch's weights-only "
+                        "loader refuses, and LightningCLI reads a checkpoint with it"),
+      ]],
+    ("fit", ["--ckpt_path", "weights-only.ckpt"],
+     "ckpt_path='weights-only.ckpt' is not allowed: it holds the weights alone (ModelCheckpoint's save_weights_only), "
+     "and a fit resumes from a full checkpoint; give one saved without save_weights_only, or leave out --ckpt_path"),
     ("fit", ["--trainer.max_epochs", "1.5"], "trainer.max_epochs=1.5 is not allowed: use an integer"),
     ("fit", ["--trainer.max_epochs", "-5"], "max_epochs` must be a non-negative integer or -1"),
     ("fit", ["--trainer.accumulate_grad_batches", "0"], "accumulate_grad_batches=0 is not allowed"),

@@ -210,6 +210,14 @@ def test_a_config_given_inline_rather_than_as_a_file_is_still_read(batchlab, tmp
     assert load_summary(run_dirs(tmp_path)[0])["epochs"] == 1
 
 
+def test_an_inline_config_longer_than_a_file_name_is_read_as_a_config(batchlab):
+    # As a path it would be too long for the file system (more than 255 bytes), which once ended in a traceback.
+    inline = json.dumps({"trainer": {"max_epochs": 3, "default_root_dir": "x" * 300}})
+    result = batchlab("fit", "-c", SEED, "-c", inline, "--print_config")
+    assert result.code == 0, result.err[-2000:]
+    assert "max_epochs: 3" in result.out
+
+
 def test_the_installed_command_exits_2_without_a_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "batchlab.cli", "fit", "-c", SEED, "--data.batch_size", "0"],

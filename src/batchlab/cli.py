@@ -1,24 +1,25 @@
 """The ``batchlab`` command: LightningCLI over any LightningModule and LightningDataModule (the toy data and the
-MLP by default), with a ``tune`` subcommand and one-line errors.
+MLP by default), with ``tune`` and ``study`` subcommands and one-line errors.
 
-    batchlab fit -c configs/seed.yaml                      # the notebook's experiment
-    batchlab fit -c configs/seed.yaml --data.batch_size 4  # another batch size
-    batchlab predict -c configs/seed.yaml --ckpt_path runs/seed/version_0/checkpoints/last.ckpt
+    batchlab fit                                           # the notebook's experiment (configs/seed.yaml)
+    batchlab fit --data.batch_size 4                       # another batch size
+    batchlab predict --ckpt_path runs/seed/version_0/checkpoints/epoch=49-step=100.ckpt
+    batchlab study --quick                                 # the default study (configs/study.yaml), in seconds
     batchlab fit --help                                    # every option, from the constructors' Args
 
-Subcommands are LightningCLI's ``fit``, ``validate``, ``test`` and ``predict``, plus ``tune`` and ``study``. The
-model and the data default to ``batchlab.model.MLPRegressor`` and ``batchlab.data.ToyRegressionData``;
-``--model.class_path`` and ``--data.class_path`` (or a config's ``class_path``) take any other. Configuration is
-YAML under ``configs/``, stacked with repeated ``-c``. Bad input ends in a single ``batchlab: error: ...`` line on
-stderr and exit status 2, never a traceback, and before anything is written (``batchlab.preflight``). A fit stopped
-by Ctrl+C or SIGTERM saves a checkpoint and its summary, says in one line how to resume, and exits with 130 or 143.
-Tests call ``main([...])``.
+Subcommands are LightningCLI's ``fit``, ``validate``, ``test`` and ``predict``, plus ``tune`` and ``study``.
+Without ``-c`` they take the seed experiment's configuration (``study``: the default study's), which ships with the
+package; a ``-c`` of your own is used as given, and repeated ``-c`` stack. The model and the data default to
+``batchlab.model.MLPRegressor`` and ``batchlab.data.ToyRegressionData``; ``--model.class_path`` and
+``--data.class_path`` (or a config's ``class_path``) take any other (``batchlab.arguments``). Bad input ends in a
+single ``batchlab: error: ...`` line on stderr and exit status 2, never a traceback, and before anything is written
+(``batchlab.preflight``). A fit stopped by Ctrl+C or SIGTERM saves a checkpoint and its summary, says in one line
+how to resume, and exits with 130 or 143. Tests call ``main([...])``.
 """
 
 from __future__ import annotations
 
 import sys
-import warnings
 from typing import Any, Literal, Optional
 
 import yaml
@@ -27,9 +28,11 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_only
 
+from batchlab.arguments import amend, expand_switches, given_settings
 from batchlab.errors import ConfigError, one_line
-from batchlab.preflight import check_checkpoint, check_config_files, check_data, check_run
+from batchlab.preflight import check_checkpoint, check_config_files, check_data, check_run, replaced_by_checkpoint
 from batchlab.quiet import STARTUP_LINES, drop_noise
 from batchlab.runs import global_seed
 from batchlab.signals import RunInterrupted, StopTogether, noting_signals, signal_of
@@ -195,6 +198,8 @@ class BatchlabCLI(LightningCLI):
 
     def __init__(self, *args: Any, only: Optional[str] = None, **kwargs: Any) -> None:
         self.only = only if only in self.SUBCOMMANDS else None
+        self.given: dict[str, str] = {}  # the model settings the user gave (batchlab.arguments.given_settings)
+        self.model_as_given: Any = None  # the model's configuration before a checkpoint's hyperparameters
         super().__init__(*args, **kwargs)
 
     def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]
@@ -227,13 +232,22 @@ class BatchlabCLI(LightningCLI):
         if args is None or isinstance(args, (list, tuple)):
             args = list(sys.argv[1:] if args is None else args)
             check_config_files(args)
-            args = with_default_classes(args, self.subcommands())
+            self.given = given_settings(args, self.subcommands())
+            args = amend(args, self.subcommands())
         super().parse_arguments(parser, args)
         # Checked here because LightningCLI loads the checkpoint next, to read its hyperparameters.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path is not None:
-            check_checkpoint(ckpt_path)
+            check_checkpoint(ckpt_path, subcommand)
+            self.model_as_given = self.config[subcommand].get("model").clone()
+
+    def before_instantiate_classes(self) -> None:
+        # LightningCLI has replaced the model's settings with the checkpoint's: say so where the user gave others.
+        if self.model_as_given is not None:
+            note = replaced_by_checkpoint(self.given, self.model_as_given, self.config[self.subcommand].get("model"))
+            if note and rank_zero_only.rank == 0:
+                print(f"batchlab: note: {note}", file=sys.stderr)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -304,54 +318,10 @@ def make_cli(args: Optional[list[str]] = None, run: bool = True) -> BatchlabCLI:
     )
 
 
-DEFAULT_CLASSES = {"model": "batchlab.model.MLPRegressor", "data": "batchlab.data.ToyRegressionData"}
-
-
-def with_default_classes(args: list[str], subcommands: Any) -> list[str]:
-    """Name batchlab's model and data classes in ``args`` unless the flags or a config file name others.
-
-    Not a parser default: jsonargparse carries a default class's init_args over to the class a user names in its
-    place when they share a name (a user's ``lr`` or ``batch_size`` would silently take batchlab's values).
-    """
-    at = next((i for i, a in enumerate(args) if a in subcommands), None)
-    if at is None:
-        return args
-    given = set()
-    for i, arg in enumerate(args[at + 1 :], start=at + 1):
-        for key in DEFAULT_CLASSES:
-            if arg in (f"--{key}", f"--{key}.class_path") or arg.startswith((f"--{key}=", f"--{key}.class_path=")):
-                given.add(key)
-        if arg in ("-c", "--config") and i + 1 < len(args):
-            try:
-                config = yaml.safe_load(open(args[i + 1]))
-            except (OSError, yaml.YAMLError):
-                continue  # the parser reports it
-            for key in DEFAULT_CLASSES:
-                value = config.get(key) if isinstance(config, dict) else None
-                if isinstance(value, str) or (isinstance(value, dict) and "class_path" in value):
-                    given.add(key)
-    extra = [x for key, path in DEFAULT_CLASSES.items() if key not in given for x in (f"--{key}.class_path", path)]
-    return args[: at + 1] + extra + args[at + 1 :]
-
-
-# Switches that read as plain flags (``batchlab study --quick``); jsonargparse's booleans want a value.
-_SWITCHES = {"--quick", "--fresh"}
-
-
-def _expand_switches(args: list[str]) -> list[str]:
-    out = []
-    for i, arg in enumerate(args):
-        out.append(arg)
-        following = args[i + 1].lower() if i + 1 < len(args) else None
-        if arg in _SWITCHES and following not in ("true", "false", "yes", "no", "1", "0"):
-            out.append("true")
-    return out
-
-
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``batchlab`` command."""
     drop_noise()
-    args = _expand_switches(sys.argv[1:] if args is None else list(args))
+    args = expand_switches(sys.argv[1:] if args is None else list(args))
     STARTUP_LINES.hold()
     try:
         make_cli(args)

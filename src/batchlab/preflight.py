@@ -3,7 +3,8 @@ while nothing has been written yet.
 
 ``batchlab.cli`` calls them for every subcommand: ``check_config_files(args)`` before the command line is parsed,
 ``check_checkpoint(ckpt_path)`` as soon as it is (LightningCLI loads the checkpoint right after, to read its
-hyperparameters) and ``check_run(trainer)`` once the trainer is built. Each covers a case where jsonargparse or
+hyperparameters; ``replaced_by_checkpoint`` then says which of the user's model settings they replaced) and
+``check_run(trainer)`` once the trainer is built. Each covers a case where jsonargparse or
 Lightning would otherwise say too little or go wrong late:
 
 - a config file that is missing, which jsonargparse reports without saying what to give instead, or that is not
@@ -11,7 +12,9 @@ Lightning would otherwise say too little or go wrong late:
 - settings the Trainer accepts and fails on mid-run, with a traceback (``accumulate_grad_batches=0`` divides by
   zero at the first step) or silently (a negative ``gradient_clip_val`` flips the gradients);
 - a checkpoint that is missing, which Lightning finds only after the logger has started writing a new run
-  folder, or that is not a checkpoint, which ``torch.load`` refuses with a traceback;
+  folder, or that Lightning cannot use, which ends in a traceback: not a checkpoint, a zip archive torch did not
+  write, a torch file without Lightning's keys, one holding objects torch's weights-only loader refuses, or, to
+  resume a fit, the weights alone;
 - a run folder that cannot be created (read-only, or under a file), which Lightning finds mid-setup with a
   traceback;
 - a batch size that leaves no training batch (``drop_last`` and a batch larger than each device's share of the
@@ -24,34 +27,44 @@ Lightning would otherwise say too little or go wrong late:
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import pickle
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from batchlab.arguments import config_values, inline_config
 from batchlab.data import ToyRegressionData
 from batchlab.errors import ConfigError, check
+from batchlab.files import jsonable
 from batchlab.runs import run_dir
 
 # What a run leaves in its folder; any of them there means the folder is taken.
 RUN_MARKERS = ("config.yaml", "summary.json", "hparams.yaml", "tune.json", "metrics.csv", "checkpoints")
 # ckpt_path values that Lightning resolves itself rather than reading a file.
 CKPT_WORDS = ("last", "best", "hpc")
+# What the Trainer reads first from any checkpoint.
+LIGHTNING_KEYS = ("pytorch-lightning_version", "state_dict")
+GIVE_A_CHECKPOINT = "give the path of a checkpoint a fit saved (runs/NAME/version_N/checkpoints/*.ckpt)"
 
 
 def check_config_files(args: Sequence[str]) -> None:
     """Refuse a config file given with ``-c``/``--config`` that is missing or not YAML, naming it and where it
     breaks."""
-    for path in _config_files(args):
+    for path in config_values(args):
+        # jsonargparse also takes the configuration itself (-c '{trainer: {max_epochs: 1}}'); as a path, one
+        # longer than a file name may be would fail the checks below.
+        if inline_config(path) is not None:
+            continue
         if not Path(path).is_file():
-            if _inline_config(path):
-                continue  # jsonargparse also takes the configuration itself: -c '{trainer: {max_epochs: 1}}'
             problem = "it is a folder, not a file" if Path(path).is_dir() else "there is no such file"
             raise ConfigError(
                 f"config={path!r} is not allowed: {problem}; pass the path of a YAML file (e.g. configs/seed.yaml)"
@@ -63,22 +76,6 @@ def check_config_files(args: Sequence[str]) -> None:
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ConfigError(f"config={path!r} is not allowed: it is not valid YAML{where} ({problem})") from None
-
-
-def _inline_config(value: str) -> bool:
-    try:
-        return isinstance(yaml.safe_load(value), dict)
-    except yaml.YAMLError:
-        return False
-
-
-def _config_files(args: Sequence[str]) -> Iterator[str]:
-    args = list(args)
-    for i, arg in enumerate(args):
-        if arg in ("-c", "--config") and i + 1 < len(args):
-            yield args[i + 1]
-        elif arg.startswith("--config="):
-            yield arg.split("=", 1)[1]
 
 
 def check_run(trainer: Trainer) -> None:
@@ -120,21 +117,82 @@ def check_trainer_settings(trainer: Trainer) -> None:
     )
 
 
-def check_checkpoint(ckpt_path: Any) -> None:
+def check_checkpoint(ckpt_path: Any, subcommand: Optional[str] = None) -> None:
+    """Refuse a ``ckpt_path`` that Lightning could not use: missing, not a file ``torch.save`` wrote, a torch file
+    that is not a Lightning checkpoint, one holding objects that torch's weights-only loader refuses (LightningCLI
+    reads a checkpoint's hyperparameters with it, whatever ``--weights_only`` says), or, to resume a fit, one that
+    holds the weights alone. Loads it once, as LightningCLI does."""
     path = str(ckpt_path)
     if path in CKPT_WORDS or path.startswith("registry") or "://" in path:
         return
+    name = f"ckpt_path={path!r} is not allowed"
+    check(Path(path).exists(), f"{name}: there is no such file; {GIVE_A_CHECKPOINT}")
+    if Path(path).is_dir():
+        return  # a sharded checkpoint, which Lightning reads itself
+    # torch.save writes a zip archive holding a data.pkl.
+    check(zipfile.is_zipfile(path), f"{name}: it is not a checkpoint (not a file torch.save wrote); "
+                                    f"{GIVE_A_CHECKPOINT}")
+    with zipfile.ZipFile(path) as archive:
+        pickled = any(n.rsplit("/", 1)[-1] == "data.pkl" for n in archive.namelist())
+    check(pickled, f"{name}: it is a zip archive that torch.save did not write (no data.pkl in it); "
+                   f"{GIVE_A_CHECKPOINT}")
+    try:
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
+        named = f" ({', '.join(unsafe(path))})" if unsafe else ""
+        raise ConfigError(
+            f"{name}: it holds pickled objects{named} that torch's weights-only loader refuses, and LightningCLI "
+            f"reads a checkpoint with it; {GIVE_A_CHECKPOINT}"
+        ) from None
+    except RuntimeError as err:
+        raise ConfigError(f"{name}: torch cannot load it ({str(err).splitlines()[0]}); {GIVE_A_CHECKPOINT}") from None
+    missing = [k for k in LIGHTNING_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise ConfigError(
+            f"{name}: it is a torch file but not a Lightning checkpoint (no {' or '.join(map(repr, missing))}; "
+            f"{_contents(checkpoint)}); {GIVE_A_CHECKPOINT}"
+        )
     check(
-        Path(path).exists(),
-        f"ckpt_path={path!r} is not allowed: there is no such file; give the path of a checkpoint a fit saved "
-        "(runs/NAME/version_N/checkpoints/*.ckpt)",
+        subcommand != "fit" or "optimizer_states" in checkpoint,
+        f"{name}: it holds the weights alone (ModelCheckpoint's save_weights_only), and a fit resumes from a full "
+        "checkpoint; give one saved without save_weights_only, or leave out --ckpt_path to start a new fit",
     )
-    # torch.save writes a zip archive; a folder is a sharded checkpoint, which Lightning reads itself.
-    check(
-        Path(path).is_dir() or zipfile.is_zipfile(path),
-        f"ckpt_path={path!r} is not allowed: it is not a checkpoint (not a file torch.save wrote); give the path "
-        "of a checkpoint a fit saved (runs/NAME/version_N/checkpoints/*.ckpt)",
+
+
+def _contents(loaded: Any) -> str:
+    if not isinstance(loaded, dict):
+        return f"it holds a {type(loaded).__name__}"
+    keys = ", ".join(map(repr, list(loaded)[:4]))
+    return f"its keys are {keys}{', ...' if len(loaded) > 4 else ''}" if loaded else "it is an empty dict"
+
+
+def replaced_by_checkpoint(given: dict[str, str], before: Any, after: Any) -> Optional[str]:
+    """What LightningCLI replaced of the model's settings the user gave (``given``: each with where it was given,
+    ``batchlab.arguments.given_settings``) by a checkpoint's hyperparameters, as one line; None if nothing.
+    ``before`` and ``after`` are the model's configuration before and after it did."""
+    was, now = _model_settings(before), _model_settings(after)
+    changed = [k for k in given if k in now and jsonable(was.get(k)) != jsonable(now[k])]
+    if not changed:
+        return None
+    said = ", ".join(
+        f"{given[k]} {_shown(was.get(k))}" if given[k].startswith("--")
+        else f"model.{k} {_shown(was.get(k))} (in {given[k]})"
+        for k in changed
     )
+    found = ", ".join(f"{k}={_shown(now[k])}" for k in changed)
+    verb = "is" if len(changed) == 1 else "are"
+    return f"{said} {verb} replaced by the checkpoint's {found} (LightningCLI restores a checkpoint's hyperparameters)"
+
+
+def _model_settings(config: Any) -> dict[str, Any]:
+    settings = config.as_dict() if hasattr(config, "as_dict") else dict(config or {})
+    return {"class_path": settings.get("class_path"), **(settings.get("init_args") or {}),
+            **(settings.get("dict_kwargs") or {})}
+
+
+def _shown(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(jsonable(value))
 
 
 def check_run_folder(trainer: Trainer) -> None:
