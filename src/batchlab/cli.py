@@ -34,7 +34,7 @@ from batchlab.quiet import STARTUP_LINES, drop_noise
 from batchlab.runs import global_seed
 from batchlab.signals import RunInterrupted, StopTogether, noting_signals, signal_of
 from batchlab.summary import FitSummary, PredictionPrinter, RunSummary, format_summary
-from batchlab.tune import BatchSizeSearch, check_not_distributed, format_tune, run_tune, write_tune
+from batchlab.tune import BatchSizeSearch, TuneResult, check_not_distributed, format_tune, run_tune, write_tune
 
 
 class BatchlabParser(LightningArgumentParser):
@@ -80,31 +80,16 @@ class BatchlabTrainer(Trainer):
                 raise  # an error, not a signal: its traceback is the report
             raise RunInterrupted(signame, _interrupted_message(self, signame, summary), summary) from None
 
-    def tune(
-        self,
-        model: LightningModule,
-        datamodule: Optional[LightningDataModule] = None,
-        mode: Literal["power", "binsearch"] = "power",
-        init_val: int = 2,
-        max_trials: int = 25,
-        steps_per_trial: int = 3,
-        max_val: int = 8192,
-        margin: float = 0.05,
-    ) -> dict[str, Any]:
+    def tune(self, model: LightningModule, datamodule: Optional[LightningDataModule] = None,
+             **finder_options: Any) -> TuneResult:
         """Find the largest batch size that fits in memory with Lightning's batch-size finder.
 
         Args:
             model: The model, from the config.
             datamodule: The data, from the config.
-            mode: ``power`` doubles the batch size until it fails or reaches a cap; ``binsearch`` then bisects.
-            init_val: First batch size tried.
-            max_trials: Most batch sizes tried.
-            steps_per_trial: Training steps at each size.
-            max_val: Cap of the search; on a CPU, where nothing runs out of memory, what ends it. Lightning stops
-                before running it: every size tried is below it.
-            margin: Fraction taken off the size ``binsearch`` finds, as a safety buffer.
+            finder_options: The options of ``batchlab.tune.BatchSizeSearch``, each a flag (``--mode``...).
         """
-        finder = BatchSizeSearch(mode, steps_per_trial, init_val, max_trials, max_val, margin)
+        finder = BatchSizeSearch(**finder_options)
         result = run_tune(self, model, datamodule, finder)
         if self.is_global_zero:
             path = write_tune(result, self.log_dir or ".")

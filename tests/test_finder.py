@@ -1,0 +1,87 @@
+"""``BatchSizeSearch`` as a drop-in for Lightning's ``BatchSizeFinder`` (under ``Tuner.scale_batch_size`` and every
+Trainer method), and its trials seen through the module's hooks."""
+
+import pytest
+from conftest import plain_trainer
+from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
+from torch.utils.data import DataLoader
+
+from batchlab.data import ToyRegressionData
+from batchlab.model import MLPRegressor
+from batchlab.tune import BatchSizeSearch
+
+HOOKS = {f"on_{stage}_{edge}" for stage in ("train", "validation", "test", "predict") for edge in ("start", "end")}
+
+
+class CountsItsStarts(MLPRegressor):
+    """Its own ``on_train_start`` must still run, once per trial, while the search watches the hook."""
+
+    starts = 0
+
+    def on_train_start(self):
+        self.starts += 1
+
+
+def test_lightnings_tuner_runs_the_search_in_place_of_its_own_finder(tmp_path, monkeypatch):
+    import lightning.pytorch.callbacks.batch_size_finder as finder_module
+    from lightning.pytorch.tuner import Tuner
+
+    built = []
+
+    def search(**options):  # Tuner builds its finder from this module attribute, by keyword
+        built.append(BatchSizeSearch(**options))
+        return built[-1]
+
+    monkeypatch.setattr(finder_module, "BatchSizeFinder", search)
+    model, data, trainer = CountsItsStarts(), ToyRegressionData(n_samples=1000), plain_trainer(tmp_path)
+    found = Tuner(trainer).scale_batch_size(model, datamodule=data, mode="binsearch", margin=0.2, max_val=100)
+    (finder,) = built
+    result = finder.result
+    # Lightning's answer is max_val, never run, less its margin (80); the search's is the largest size run, less it.
+    assert found == result.batch_size == data.batch_size == trainer.train_dataloader.batch_size == 51
+    assert [(t.batch_size, t.ok, t.steps) for t in result.trials] == [(2**k, True, 3) for k in range(1, 7)]
+    assert result.untried_corrected_from == 100 and result.before_margin == 64 and result.stage == "fit"
+    assert result.stopped_because == "max_val" and result.dataset_size == 1000
+    assert model.starts == len(result.trials) and not HOOKS & set(vars(model)), "the hooks are the model's again"
+
+
+class SizedBoring(BoringModel):
+    """Lightning's demo model with every loader at ``batch_size``, over 64 samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.batch_size = 2
+
+    def _loader(self):
+        return DataLoader(RandomDataset(32, 64), batch_size=self.batch_size)
+
+    train_dataloader = val_dataloader = test_dataloader = predict_dataloader = _loader
+
+
+@pytest.mark.parametrize("method", ["validate", "test", "predict"])
+def test_the_search_runs_under_an_evaluation_method_on_its_loop(tmp_path, method):
+    model, finder = SizedBoring(), BatchSizeSearch(max_trials=3, steps_per_trial=2)
+    trainer = plain_trainer(tmp_path, callbacks=[finder])
+    getattr(trainer, method)(model)
+    result = finder.result
+    assert result.stage == method and result.stopped_because == "max_trials" and result.dataset_size == 64
+    # Lightning's finder limits the batches of validate's and test's loop to steps_per_trial, not predict's.
+    steps = [64 // b if method == "predict" else 2 for b in (2, 4, 8)]
+    assert [(t.batch_size, t.ok, t.steps) for t in result.trials] == list(zip((2, 4, 8), [True] * 3, steps))
+    assert result.batch_size == model.batch_size == 8 and not HOOKS & set(vars(model))
+    # ... and then the method itself ran over all the data, at the size found.
+    assert getattr(trainer, f"num_{'val' if method == 'validate' else method}_batches") == [64 // 8]
+
+
+def test_the_finder_takes_lightnings_arguments_in_lightnings_order_with_its_defaults():
+    import inspect
+
+    from lightning.pytorch.callbacks import BatchSizeFinder
+
+    def signature(cls):
+        return [(p.name, p.default) for p in inspect.signature(cls).parameters.values()]
+
+    assert signature(BatchSizeSearch) == signature(BatchSizeFinder)
+    assert BatchSizeSearch("Power").mode == "power", "as Lightning's, whatever the case"
+
+
