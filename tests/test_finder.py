@@ -1,8 +1,9 @@
 """``BatchSizeSearch`` as a drop-in for Lightning's ``BatchSizeFinder`` (under ``Tuner.scale_batch_size`` and every
-Trainer method), and its trials seen through the module's hooks."""
+Trainer method), its trials seen through the module's hooks, and ``--verbose``, which shows the Lightning chatter a
+search hides."""
 
 import pytest
-from conftest import plain_trainer
+from conftest import CONFIGS, QUIET, SEED, plain_trainer, run_command
 from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from torch.utils.data import DataLoader
 
@@ -85,3 +86,25 @@ def test_the_finder_takes_lightnings_arguments_in_lightnings_order_with_its_defa
     assert BatchSizeSearch("Power").mode == "power", "as Lightning's, whatever the case"
 
 
+# Lightning's lines between a search's trials: a short fit's stop, the restore of the search's checkpoint and its
+# warning, and, after a search inside a fit, the restore named again.
+CHATTER = ("`Trainer.fit` stopped: `max_steps=3` reached", "Restoring states from the checkpoint path",
+           "weights_only", ".scale_batch_size_")
+
+
+def test_the_chatter_between_trials_is_hidden_unless_verbose(tmp_path):
+    # Subprocesses: under pytest, Lightning's loggers write to pytest's handlers, not to the terminal.
+    find = str(CONFIGS / "find_batch_size.yaml")
+    quiet = run_command(tmp_path, "fit", "-c", SEED, *QUIET, "-c", find, "--trainer.max_epochs", "1")
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "batch search  from 2 to 4" in quiet.stdout
+    assert not [line for line in CHATTER if line in quiet.stdout + quiet.stderr], quiet.stderr
+    verbose = run_command(tmp_path, "tune", "-c", SEED, *QUIET, "--verbose", "--max_trials", "2")
+    assert verbose.returncode == 0, verbose.stderr[-2000:]
+    assert [line for line in CHATTER if line in verbose.stderr] == list(CHATTER), verbose.stderr
+
+
+@pytest.mark.parametrize("command", ["fit", "validate", "test", "predict", "tune", "study"])
+def test_every_command_takes_verbose(batchlab, command):
+    result = batchlab(command, "--help")
+    assert result.code == 0 and "--verbose" in result.out

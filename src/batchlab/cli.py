@@ -30,7 +30,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from batchlab.errors import ConfigError, one_line
 from batchlab.preflight import check_checkpoint, check_config_files, check_data, check_run
-from batchlab.quiet import STARTUP_LINES, drop_noise
+from batchlab.quiet import STARTUP_LINES, drop_noise, set_verbose
 from batchlab.runs import global_seed
 from batchlab.signals import RunInterrupted, StopTogether, noting_signals, signal_of
 from batchlab.summary import FitSummary, PredictionPrinter, RunSummary, format_summary
@@ -176,7 +176,10 @@ class BatchlabCLI(LightningCLI):
     """LightningCLI with the model's input width linked to the data's, ``tune`` and ``study`` subcommands, and
     checks of the configuration before anything runs."""
 
-    SUBCOMMANDS = {**LightningCLI.subcommands(), "tune": {"model", "datamodule"}, "study": {"model", "datamodule"}}
+    # Each subcommand's Trainer arguments left out of its flags. validate's and test's own ``verbose`` (print the
+    # results, which they then always do) gives way to batchlab's ``--verbose``, the same flag for every command.
+    SUBCOMMANDS = {**{name: skip | {"verbose"} for name, skip in LightningCLI.subcommands().items()},
+                   "tune": {"model", "datamodule"}, "study": {"model", "datamodule"}}
 
     def __init__(self, *args: Any, only: Optional[str] = None, **kwargs: Any) -> None:
         self.only = only if only in self.SUBCOMMANDS else None
@@ -190,6 +193,9 @@ class BatchlabCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Applies only where both classes have the argument, as batchlab's own do.
         parser.link_arguments("data.init_args.n_features", "model.init_args.n_features")
+        # Read by ``main`` before the command runs (``_verbose``): the chatter it shows comes from inside the run.
+        parser.add_argument("--verbose", type=bool, default=False,
+                            help="Show Lightning's chatter between the short fits of a batch-size search or a study.")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         configured = {id(c) for c in self._subcommand_config().get("trainer.callbacks") or []}
@@ -320,7 +326,7 @@ def with_default_classes(args: list[str], subcommands: Any) -> list[str]:
 
 
 # Switches that read as plain flags (``batchlab study --quick``); jsonargparse's booleans want a value.
-_SWITCHES = {"--quick", "--fresh"}
+_SWITCHES = {"--quick", "--fresh", "--verbose"}
 
 
 def _expand_switches(args: list[str]) -> list[str]:
@@ -333,10 +339,22 @@ def _expand_switches(args: list[str]) -> list[str]:
     return out
 
 
+def _verbose(args: list[str]) -> bool:
+    """Whether ``--verbose`` is on (the last one given; the parser checks its value)."""
+    verbose = False
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name == "--verbose":
+            given = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+            verbose = given.lower() in ("true", "yes", "1")
+    return verbose
+
+
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``batchlab`` command."""
     drop_noise()
     args = _expand_switches(sys.argv[1:] if args is None else list(args))
+    set_verbose(_verbose(args))
     STARTUP_LINES.hold()
     try:
         make_cli(args)
@@ -365,6 +383,7 @@ def main(args: Optional[list[str]] = None) -> None:
     finally:
         # Whatever ended the command before it ran (--help, a traceback) shows them, as Lightning would have.
         STARTUP_LINES.show()
+        set_verbose(False)  # a later command in this process asks again
 
 
 def _fail(message: str) -> None:

@@ -17,7 +17,7 @@ own hooks; what they do not show is recovered from Lightning's answer (``_with_u
 returns ``max_val``, or in power mode the double of the last size below it, without running it; batchlab takes
 the largest size that trained instead, and applies ``binsearch``'s margin to that itself. Lightning restores the
 weights after the search but not the random state, so a fit after a search would otherwise shuffle differently
-from the same fit without one. Lightning's chatter between trials is hidden (``batchlab.quiet``).
+from the same fit without one. Lightning's chatter between trials is hidden unless ``--verbose``.
 """
 
 from __future__ import annotations
