@@ -1,6 +1,6 @@
 """``BatchSizeSearch`` as a drop-in for Lightning's ``BatchSizeFinder`` (under ``Tuner.scale_batch_size`` and every
-Trainer method), its trials seen through the module's hooks, and ``--verbose``, which shows the Lightning chatter a
-search hides."""
+Trainer method), its trials seen through the module's hooks, ``batchlab.find_batch_size`` from Python, and
+``--verbose``, which shows the Lightning chatter a search hides."""
 
 import pytest
 from conftest import CONFIGS, QUIET, SEED, plain_trainer, run_command
@@ -8,8 +8,9 @@ from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from torch.utils.data import DataLoader
 
 from batchlab.data import ToyRegressionData
+from batchlab.errors import ConfigError
 from batchlab.model import MLPRegressor
-from batchlab.tune import BatchSizeSearch
+from batchlab.tune import BatchSizeSearch, TuneResult, format_tune
 
 HOOKS = {f"on_{stage}_{edge}" for stage in ("train", "validation", "test", "predict") for edge in ("start", "end")}
 
@@ -72,6 +73,49 @@ def test_the_search_runs_under_an_evaluation_method_on_its_loop(tmp_path, method
     assert result.batch_size == model.batch_size == 8 and not HOOKS & set(vars(model))
     # ... and then the method itself ran over all the data, at the size found.
     assert getattr(trainer, f"num_{'val' if method == 'validate' else method}_batches") == [64 // 8]
+
+
+@pytest.mark.parametrize(("mode", "sizes"), [("power", []), ("binsearch", [2])])
+def test_max_trials_0_runs_as_lightnings_does(tmp_path, mode, sizes):
+    from batchlab import find_batch_size
+
+    # Lightning's power search then tries nothing and keeps init_val; its binsearch always runs one trial.
+    result = find_batch_size(MLPRegressor(), ToyRegressionData(n_samples=64), mode=mode, max_trials=0, margin=0.0,
+                             default_root_dir=tmp_path)
+    assert [t.batch_size for t in result.trials] == sizes and result.batch_size == 2
+    assert result.stopped_because == "max_trials" and result.found_was_tried is bool(sizes)
+    if not sizes:
+        assert "2 itself was never tried: no size tried ran" in format_tune(result)
+
+
+def test_find_batch_size_searches_from_python_and_leaves_nothing_behind(tmp_path):
+    from batchlab import find_batch_size
+
+    result = find_batch_size(MLPRegressor(), ToyRegressionData(n_samples=256), mode="binsearch", max_val=64,
+                             margin=0.0, accelerator="cpu", default_root_dir=tmp_path)
+    assert isinstance(result, TuneResult)
+    assert result.batch_size == 32 and result.stopped_because == "max_val" and result.untried_corrected_from == 64
+    assert [t.batch_size for t in result.trials] == [2, 4, 8, 16, 32]
+    assert list(tmp_path.iterdir()) == [], "no logs, no checkpoints, the search's own checkpoint removed"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_value": 64}, "max_value=64 is not allowed: use an argument of batchlab.tune.BatchSizeSearch or of"),
+        ({"steps_per_trial": 0}, "steps_per_trial=0 is not allowed: use a positive integer"),
+        ({"margin": 1.0}, "margin=1.0 is not allowed: use a number in [0, 1)"),
+        ({"mode": "binary"}, "mode='binary' is not allowed: use one of 'power', 'binsearch'"),
+        ({"max_val": 16384}, "max_val=16384 is not allowed with mode='power': Lightning's power search stops at 8192"),
+    ],
+)
+def test_find_batch_size_refuses_a_bad_option_in_one_line(tmp_path, options, message):
+    from batchlab import find_batch_size
+
+    with pytest.raises(ConfigError) as err:
+        find_batch_size(MLPRegressor(), ToyRegressionData(), default_root_dir=tmp_path, **options)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_finder_takes_lightnings_arguments_in_lightnings_order_with_its_defaults():

@@ -9,7 +9,8 @@ Used three ways:
 - ``batchlab fit -c configs/seed.yaml -c configs/find_batch_size.yaml`` searches, then trains with the size
   found; ``summary.json``, ``hparams.yaml`` and TensorBoard's HParams show the size trained with and the one the
   search started from;
-- from Python, ``BatchSizeSearch`` is a drop-in for Lightning's ``BatchSizeFinder`` (same arguments, any
+- from Python, ``find_batch_size(model, datamodule, mode="binsearch", accelerator="cpu")`` returns the
+  ``TuneResult``; ``BatchSizeSearch`` is a drop-in for Lightning's ``BatchSizeFinder`` (same arguments, any
   Trainer method, ``Tuner.scale_batch_size`` included) with the result in its ``result``.
 
 The search itself is Lightning's. ``batchlab.trials.TrialObserver`` sees its trials through the LightningModule's
@@ -22,6 +23,7 @@ from the same fit without one. Lightning's chatter between trials is hidden unle
 
 from __future__ import annotations
 
+import inspect
 import random
 from typing import Any, Literal, Optional
 
@@ -39,7 +41,8 @@ from batchlab.runs import device_name, log_hparams, run_hparams
 from batchlab.trials import Trial, TrialObserver, dataset_size
 from batchlab.tune_result import POWER_CAP, TuneResult, format_tune, search_metrics, stop_reason, write_tune
 
-__all__ = ["BatchSizeSearch", "TuneResult", "check_not_distributed", "format_tune", "run_tune", "write_tune"]
+__all__ = ["BatchSizeSearch", "TuneResult", "check_not_distributed", "find_batch_size", "format_tune", "run_tune",
+           "write_tune"]
 
 
 class BatchSizeSearch(BatchSizeFinder):
@@ -195,6 +198,29 @@ def run_tune(trainer: Trainer, model: LightningModule, datamodule: Any, finder: 
     if finder.result is None:
         raise ConfigError("the batch-size search did not run")
     return finder.result
+
+
+# A search from Python leaves nothing behind and runs on one device, unless told otherwise.
+SEARCH_TRAINER = {"devices": 1, "logger": False, "enable_checkpointing": False, "enable_model_summary": False,
+                  "enable_progress_bar": False}
+
+
+def find_batch_size(model: LightningModule, datamodule: Any = None, **options: Any) -> TuneResult:
+    """Search the largest batch size that fits: ``options`` are ``BatchSizeSearch``'s and the Trainer's keyword
+    arguments (on a Trainer without logger, checkpoints or progress bar, on one device, unless they say otherwise).
+
+        result = find_batch_size(model, datamodule, mode="binsearch", max_val=4096, accelerator="cpu")
+        result.batch_size, result.stopped_because, result.trials
+    """
+    finder_names = inspect.signature(BatchSizeSearch).parameters
+    trainer_names = inspect.signature(Trainer).parameters
+    unknown = next((k for k in options if k not in finder_names and k not in trainer_names), None)
+    if unknown is not None:
+        raise ConfigError(f"{unknown}={options[unknown]!r} is not allowed: use an argument of "
+                          "batchlab.tune.BatchSizeSearch or of lightning.pytorch.Trainer")
+    finder = BatchSizeSearch(**{k: v for k, v in options.items() if k in finder_names})
+    trainer = Trainer(**{**SEARCH_TRAINER, **{k: v for k, v in options.items() if k in trainer_names}})
+    return run_tune(trainer, model, datamodule, finder)
 
 
 def _rng_state() -> dict[str, Any]:
