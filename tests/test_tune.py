@@ -244,7 +244,7 @@ def test_on_a_gpu_the_search_stops_on_out_of_memory_and_the_size_found_trains(ba
     tune, out = _tune(batchlab, tmp_path, *big, "--mode", "binsearch", "--margin", "0", "--max_val", "4194304",
                       "--steps_per_trial", "1")
     assert tune["stopped_because"] == "out_of_memory", out
-    assert all("peak_memory_bytes" in t for t in tune["trials"])
+    assert all(t["peak_memory_bytes"] for t in tune["trials"])
     assert "hp/peak_memory_mib" in hparams_plugin(run_dirs(tmp_path)[-1])[1]
     found = str(tune["batch_size"])
     result = batchlab("fit", "-c", SEED, *QUIET, *big, "--data.batch_size", found, "--trainer.max_epochs", "1",
