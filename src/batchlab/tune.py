@@ -47,7 +47,8 @@ __all__ = ["BatchSizeSearch", "TuneResult", "check_not_distributed", "find_batch
 
 class BatchSizeSearch(BatchSizeFinder):
     """Lightning's ``BatchSizeFinder`` that records its trials and why it stopped, never reports a size that never
-    ran, restores the random state after the search, and keeps the batch size it started from.
+    ran, restores the random state after the search, and keeps the batch size it started from. Lightning's own
+    lines between the trials are hidden unless ``batchlab.quiet.set_verbose(True)`` (``--verbose``).
 
     Args:
         mode: ``power`` doubles the batch size until a trial runs out of memory or a cap is reached; ``binsearch``
@@ -100,7 +101,7 @@ class BatchSizeSearch(BatchSizeFinder):
         try:
             with quiet_lightning(), observer:
                 super().scale_batch_size(trainer, pl_module)
-        except BaseException as exc:  # noqa: B036 (re-raised below)
+        except BaseException as exc:  # re-raised below, once the random state is back and the result made
             stopped = exc
         _set_rng_state(rng)
         # Lightning sets its answer once the search is done, before it stops a run that only searches: an error
@@ -160,8 +161,8 @@ class BatchSizeSearch(BatchSizeFinder):
 
         A loop whose loader holds no batch (``drop_last`` and a batch above the data) returns at once; Lightning
         counts that trial a success and, its batch covering the data, ends the search on it. Nothing else leaves
-        Lightning's answer unseen after trials that all fitted, with trials to spare, below ``max_val`` (the one
-        size it returns without running it).
+        Lightning's answer unseen after trials that all fitted, with trials to spare, and below ``max_val``
+        (Lightning returns a size at or above it without running it).
         """
         allowed = self.max_trials if self.mode == "power" else max(1, self.max_trials)
         unseen = answer not in {t.batch_size for t in seen} and all(t.ok for t in seen)
