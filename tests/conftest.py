@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from batchlab.cli import main
@@ -36,6 +37,12 @@ if os.environ.get("PYTHONPATH"):
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 DEVICES = ["cpu", pytest.param("gpu", marks=cuda)]
+
+
+def plain_trainer(root: Path, **kwargs) -> Trainer:
+    """A CPU Trainer that logs, checkpoints and shows nothing, for tests that drive Lightning from Python."""
+    return Trainer(default_root_dir=root, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, accelerator="cpu", **{"max_epochs": 1, **kwargs})
 
 
 @dataclass

@@ -122,7 +122,9 @@ ONE_COMMAND = [
     ("fit", ["--model.optimizer", "foo"], "model.optimizer='foo' is not allowed: use one of 'sgd', 'adam'"),
     ("tune", ["--max_val", "0"], "max_val=0 is not allowed: use a positive integer"),
     ("tune", ["--mode", "foo"], "mode='foo' is not allowed"),
-    ("tune", ["--init_val", "abc"], "init_val='abc' is not allowed: use an integer"),
+    ("tune", ["--init_val", "abc"], "init_val='abc' is not allowed: use a positive integer"),
+    ("tune", ["--max_trials", "-1"], "max_trials=-1 is not allowed: use an integer >= 0"),
+    ("tune", ["--steps_per_trial", "0"], "steps_per_trial=0 is not allowed: use a positive integer"),
     ("tune", ["--init_val", "64", "--max_val", "8"], "init_val=64 is not below max_val=8"),
     # Lightning would train nothing, say "No training batches" and exit 0.
     ("fit", ["--data.batch_size", "10", "--data.drop_last", "true"],

@@ -162,7 +162,8 @@ def test_with_drop_last_a_batch_of_the_whole_split_trains_and_the_finder_still_s
     assert "batch size found   3 " in result.out and "which drop_last leaves without a batch; 3" in result.out
     tune = json.loads(next(tmp_path.rglob("tune.json")).read_text())
     assert tune["batch_size"] == tune["effective_batch_size"] == 3 and tune["untried_corrected_from"] == 6
-    assert tune["largest_ok"] == 3 and tune["trials"][-1] == {"batch_size": 6, "ok": True, "no_batch": True}
+    assert tune["largest_ok"] == 3
+    assert tune["trials"][-1] == {"batch_size": 6, "ok": True, "steps": 0, "peak_memory_bytes": None}
     assert "6 ran no batch (drop_last)" in result.out and "the largest batch tried was 3" in result.out
 
 

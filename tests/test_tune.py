@@ -1,18 +1,20 @@
-"""``batchlab tune`` and the finder inside ``fit``: Lightning's search, its trials and why it stopped, the
-batch size recorded everywhere it is reported, and a search that changes nothing but the batch size."""
+"""``batchlab tune``, the finder inside ``fit`` and ``find_batch_size``: Lightning's search, its trials and why it
+stopped, the batch size recorded everywhere it is reported, a search that changes nothing but the batch size, and
+``BatchSizeSearch`` as a drop-in for Lightning's ``BatchSizeFinder``."""
 
 import json
 import math
 
 import pytest
-import torch
 import yaml
-from conftest import CONFIGS, DEVICES, QUIET, SEED, hparams_plugin, load_summary, run_dirs, scalars
-from lightning.pytorch import Trainer
+from conftest import (CONFIGS, DEVICES, QUIET, SEED, hparams_plugin, load_summary, plain_trainer, run_dirs,
+                      scalars)
 
 from batchlab.data import ToyRegressionData
 from batchlab.model import MLPRegressor
-from batchlab.tune import BatchSizeSearch, TrialRecorder, run_tune, stop_reason
+from batchlab.trials import Trial
+from batchlab.tune import BatchSizeSearch, run_tune
+from batchlab.tune_result import stop_reason
 
 FIND = str(CONFIGS / "find_batch_size.yaml")
 N1000 = ["--data.n_samples", "1000"]
@@ -84,7 +86,8 @@ def test_binsearch_takes_its_margin_off_the_largest_size_tried_not_off_an_untrie
 
 def test_a_configured_batch_that_covers_the_data_is_one_trial_not_two(batchlab, tmp_path):
     tune, out = _tune(batchlab, tmp_path, *N1000, "--data.batch_size", "1024")
-    assert tune["trials"] == [{"batch_size": 1024, "ok": True}] and tune["stopped_because"] == "dataset_size"
+    assert tune["trials"] == [{"batch_size": 1024, "ok": True, "steps": 3, "peak_memory_bytes": None}]
+    assert tune["stopped_because"] == "dataset_size"
     assert "(--mode power, starting at 1024)" in out
 
 
@@ -99,6 +102,14 @@ def test_a_max_trials_stop_is_reported_as_such_with_every_trial(batchlab, tmp_pa
     tune, _ = _tune(batchlab, tmp_path, *N1000, "--max_trials", "3", "--init_val", "4")
     assert tune["stopped_because"] == "max_trials" and tune["batch_size"] == 16
     assert [t["batch_size"] for t in tune["trials"]] == [4, 8, 16] and tune["found_was_tried"]
+
+
+def test_a_lone_first_trial_is_recorded_and_is_the_size_found(batchlab, tmp_path):
+    # Lightning says nothing of a search's last trial when max_trials ends it: here its only one.
+    tune, out = _tune(batchlab, tmp_path, "--data.n_samples", "64", "--max_trials", "1")
+    assert tune["trials"] == [{"batch_size": 2, "ok": True, "steps": 3, "peak_memory_bytes": None}]
+    assert tune["batch_size"] == 2 and tune["found_was_tried"] and tune["stopped_because"] == "max_trials"
+    assert "never tried" not in out and "the largest batch tried was 2" in out
 
 
 def test_tune_never_overwrites_an_earlier_tune(batchlab, tmp_path):
@@ -122,31 +133,25 @@ class RunsOutOfMemory(MLPRegressor):
 
 @pytest.mark.parametrize(("mode", "found"), [("power", 64), ("binsearch", 100)])
 def test_an_out_of_memory_error_ends_the_search_and_is_named(tmp_path, mode, found):
-    trainer = Trainer(default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", max_epochs=1)
     finder = BatchSizeSearch(mode=mode, margin=0.0)
-    result = run_tune(trainer, RunsOutOfMemory(), ToyRegressionData(n_samples=4096), finder)
-    assert result["stopped_because"] == "out_of_memory" and result["memory_limited"]
-    assert result["batch_size"] == found
-    failed = [t["batch_size"] for t in result["trials"] if not t["ok"]]
+    result = run_tune(plain_trainer(tmp_path), RunsOutOfMemory(), ToyRegressionData(n_samples=4096), finder)
+    assert result.stopped_because == "out_of_memory" and result.memory_limited
+    assert result.batch_size == found
+    failed = [t.batch_size for t in result.trials if not t.ok]
     assert failed and min(failed) > RunsOutOfMemory.limit
-    assert all(t["ok"] for t in result["trials"] if t["batch_size"] <= RunsOutOfMemory.limit)
+    assert all(t.ok and t.steps == 3 for t in result.trials if t.batch_size <= RunsOutOfMemory.limit)
+    assert all(t.steps is None for t in result.trials if not t.ok)
 
 
-def test_the_recorder_reads_lightnings_messages():
-    import logging
-
-    recorder = TrialRecorder(torch.device("cpu"))
-    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    with recorder:
-        log.info("Batch size 2 succeeded, trying batch size 4")
-        log.info("Batch size 4 failed, trying batch size 2")
-    assert recorder.trials == [{"batch_size": 2, "ok": True}, {"batch_size": 4, "ok": False}]
-    assert stop_reason(recorder.trials, None, False) == "out_of_memory"
-    assert stop_reason([{"batch_size": 2, "ok": True}], 4, False) == "dataset_size"
-    assert stop_reason([{"batch_size": 2, "ok": True}], None, True) == "max_val"
-    assert stop_reason([{"batch_size": 2, "ok": True}], None, False) == "max_trials"
-    assert recorder not in log.handlers
+def test_the_reason_a_search_stopped_comes_from_its_trials_and_settings():
+    ok, failed = Trial(2, ok=True, steps=3), Trial(4, ok=False, steps=None)
+    assert stop_reason([ok, failed], "power", 25, None) == "out_of_memory"
+    assert stop_reason([ok, Trial(4, ok=True, steps=3)], "power", 25, 4) == "dataset_size"
+    assert stop_reason([ok], "power", 25, 100) == "max_val"
+    assert stop_reason([ok], "power", 1, 100) == "max_trials"
+    assert stop_reason([], "power", 0, 100) == "max_trials"
+    # binsearch counts the trials that fit against max_trials, and always runs one.
+    assert stop_reason([ok], "binsearch", 0, 100) == "max_trials"
 
 
 def _fit_losses(batchlab, tmp_path, *args, n_samples=256, epochs=20):
@@ -239,7 +244,7 @@ def test_on_a_gpu_the_search_stops_on_out_of_memory_and_the_size_found_trains(ba
     tune, out = _tune(batchlab, tmp_path, *big, "--mode", "binsearch", "--margin", "0", "--max_val", "4194304",
                       "--steps_per_trial", "1")
     assert tune["stopped_because"] == "out_of_memory", out
-    assert all("peak_memory_bytes" in t for t in tune["trials"])
+    assert all(t["peak_memory_bytes"] for t in tune["trials"])
     assert "hp/peak_memory_mib" in hparams_plugin(run_dirs(tmp_path)[-1])[1]
     found = str(tune["batch_size"])
     result = batchlab("fit", "-c", SEED, *QUIET, *big, "--data.batch_size", found, "--trainer.max_epochs", "1",

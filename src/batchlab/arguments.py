@@ -1,7 +1,8 @@
 """The command line as batchlab amends it before LightningCLI parses it, so that a short command does what a
 newcomer means; and which model settings the user gave, for the note when a checkpoint replaces them.
 
-- Switches: ``batchlab study --quick`` reads as ``--quick true`` (jsonargparse's booleans want a value).
+- Switches: ``batchlab study --quick`` reads as ``--quick true`` (jsonargparse's booleans want a value);
+  ``--verbose`` is read here too, before the parser, since it decides what Lightning may say while parsing.
 - Default configs: with no ``-c`` at all, ``fit``, ``validate``, ``test``, ``predict`` and ``tune`` run the seed
   experiment (``configs/seed.yaml``) and ``study`` the default study (``configs/study.yaml``), as if it had been
   given first. They ship inside the package as ``batchlab.configs``: a pip-installed batchlab needs no checkout. A
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
 # Switches that read as plain flags; jsonargparse's booleans want a value.
-SWITCHES = {"--quick", "--fresh"}
+SWITCHES = {"--quick", "--fresh", "--verbose"}
 DEFAULT_CLASSES = {"model": "batchlab.model.MLPRegressor", "data": "batchlab.data.ToyRegressionData"}
 # The configuration a subcommand takes when the user gives none.
 DEFAULT_CONFIGS = {"study": "study.yaml"}
@@ -44,6 +45,17 @@ def expand_switches(args: list[str]) -> list[str]:
         if arg in SWITCHES and following not in ("true", "false", "yes", "no", "1", "0"):
             out.append("true")
     return out
+
+
+def verbose_flag(args: Sequence[str]) -> bool:
+    """Whether ``--verbose`` is on (the last one given; the parser checks its value)."""
+    verbose = False
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name == "--verbose":
+            given = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+            verbose = given.lower() in ("true", "yes", "1")
+    return verbose
 
 
 def amend(args: list[str], subcommands: Collection[str]) -> list[str]:

@@ -30,14 +30,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
-from batchlab.arguments import amend, expand_switches, given_settings
+from batchlab.arguments import amend, expand_switches, given_settings, verbose_flag
 from batchlab.errors import ConfigError, one_line
 from batchlab.preflight import check_checkpoint, check_config_files, check_data, check_run, replaced_by_checkpoint
-from batchlab.quiet import STARTUP_LINES, drop_noise
+from batchlab.quiet import STARTUP_LINES, drop_noise, set_verbose
 from batchlab.runs import global_seed
 from batchlab.signals import RunInterrupted, StopTogether, noting_signals, signal_of
 from batchlab.summary import FitSummary, PredictionPrinter, RunSummary, format_summary
-from batchlab.tune import BatchSizeSearch, check_not_distributed, format_tune, run_tune, write_tune
+from batchlab.tune import BatchSizeSearch, TuneResult, check_not_distributed, format_tune, run_tune, write_tune
 
 
 class BatchlabParser(LightningArgumentParser):
@@ -83,31 +83,16 @@ class BatchlabTrainer(Trainer):
                 raise  # an error, not a signal: its traceback is the report
             raise RunInterrupted(signame, _interrupted_message(self, signame, summary), summary) from None
 
-    def tune(
-        self,
-        model: LightningModule,
-        datamodule: Optional[LightningDataModule] = None,
-        mode: Literal["power", "binsearch"] = "power",
-        init_val: int = 2,
-        max_trials: int = 25,
-        steps_per_trial: int = 3,
-        max_val: int = 8192,
-        margin: float = 0.05,
-    ) -> dict[str, Any]:
+    def tune(self, model: LightningModule, datamodule: Optional[LightningDataModule] = None,
+             **finder_options: Any) -> TuneResult:
         """Find the largest batch size that fits in memory with Lightning's batch-size finder.
 
         Args:
             model: The model, from the config.
             datamodule: The data, from the config.
-            mode: ``power`` doubles the batch size until it fails or reaches a cap; ``binsearch`` then bisects.
-            init_val: First batch size tried.
-            max_trials: Most batch sizes tried.
-            steps_per_trial: Training steps at each size.
-            max_val: Cap of the search; on a CPU, where nothing runs out of memory, what ends it. Lightning stops
-                before running it: every size tried is below it.
-            margin: Fraction taken off the size ``binsearch`` finds, as a safety buffer.
+            finder_options: The options of ``batchlab.tune.BatchSizeSearch``, each a flag (``--mode``...).
         """
-        finder = BatchSizeSearch(mode, steps_per_trial, init_val, max_trials, max_val, margin)
+        finder = BatchSizeSearch(**finder_options)
         result = run_tune(self, model, datamodule, finder)
         if self.is_global_zero:
             path = write_tune(result, self.log_dir or ".")
@@ -194,7 +179,10 @@ class BatchlabCLI(LightningCLI):
     """LightningCLI with the model's input width linked to the data's, ``tune`` and ``study`` subcommands, and
     checks of the configuration before anything runs."""
 
-    SUBCOMMANDS = {**LightningCLI.subcommands(), "tune": {"model", "datamodule"}, "study": {"model", "datamodule"}}
+    # Each subcommand's Trainer arguments left out of its flags. validate's and test's own ``verbose`` (print the
+    # results, which they then always do) gives way to batchlab's ``--verbose``, the same flag for every command.
+    SUBCOMMANDS = {**{name: skip | {"verbose"} for name, skip in LightningCLI.subcommands().items()},
+                   "tune": {"model", "datamodule"}, "study": {"model", "datamodule"}}
 
     def __init__(self, *args: Any, only: Optional[str] = None, **kwargs: Any) -> None:
         self.only = only if only in self.SUBCOMMANDS else None
@@ -210,6 +198,9 @@ class BatchlabCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Applies only where both classes have the argument, as batchlab's own do.
         parser.link_arguments("data.init_args.n_features", "model.init_args.n_features")
+        # Read by ``main`` before the command runs (``_verbose``): the chatter it shows comes from inside the run.
+        parser.add_argument("--verbose", type=bool, default=False,
+                            help="Show Lightning's chatter between the short fits of a batch-size search or a study.")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         configured = {id(c) for c in self._subcommand_config().get("trainer.callbacks") or []}
@@ -322,6 +313,7 @@ def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``batchlab`` command."""
     drop_noise()
     args = expand_switches(sys.argv[1:] if args is None else list(args))
+    set_verbose(verbose_flag(args))
     STARTUP_LINES.hold()
     try:
         make_cli(args)
@@ -350,6 +342,7 @@ def main(args: Optional[list[str]] = None) -> None:
     finally:
         # Whatever ended the command before it ran (--help, a traceback) shows them, as Lightning would have.
         STARTUP_LINES.show()
+        set_verbose(False)  # a later command in this process asks again
 
 
 def _fail(message: str) -> None:

@@ -6,7 +6,8 @@
   hold both do nothing, so library code may call ``show()`` where a command starts running.
 - ``quiet_lightning()`` hides the per-fit chatter of the many short fits a study makes and of the batch-size
   finder's trials (device lines, "`Trainer.fit` stopped: `max_steps=3` reached", checkpoint restore lines, the
-  restore's ``weights_only`` warning), unless ``--verbose`` (``set_verbose(True)``) asked for everything.
+  restore's ``weights_only`` warning), unless ``--verbose`` (``set_verbose(True)``) asked for everything; so
+  does ``drop_noise()``'s filter for the one restore line a fit says after its search.
 - ``drop_noise()`` drops, for the whole command, what never says anything about the run: advertising tips,
   warnings about Lightning's own internals, an empty validation set's warning (no validation split is the
   notebook's setting).
@@ -60,9 +61,18 @@ def _not_a_tip(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
 
 
+def _not_a_search_leftover(record: logging.LogRecord) -> bool:
+    # A fit that searched first says, once the search is over, that it restored the search's temporary checkpoint
+    # (deleted by then): the finder's chatter, said after its trials.
+    return _verbose or ".scale_batch_size_" not in str(record.msg)
+
+
 def drop_noise() -> None:
     """Drop, for the rest of the process, Lightning's output that says nothing about the run."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_a_tip)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    for keep in (_not_a_tip, _not_a_search_leftover):
+        if keep not in rank_zero.filters:  # once, however many commands a process runs
+            rank_zero.addFilter(keep)
     warnings.filterwarnings("ignore", message="Total length of .* across ranks is zero")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")

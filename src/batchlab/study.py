@@ -571,7 +571,7 @@ class Study:
                 # binsearch, because Lightning's power search stops at 8192 whatever max_val says.
                 finder = BatchSizeSearch(mode="binsearch", margin=0.0, max_val=2**24, steps_per_trial=2)
                 result = run_tune(trainer, model, data, finder)
-            return {"memory_max_batch_size": result["effective_batch_size"], "search": result}
+            return {"memory_max_batch_size": result.effective_batch_size, "search": result}
 
         cached = self._measured("memory", search)
         return cached["memory_max_batch_size"] if cached["search"]["memory_limited"] else None

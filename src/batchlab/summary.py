@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, BatchSizeFinder
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.data import extract_batch_size
@@ -34,6 +34,8 @@ from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_has
 from batchlab.files import write_json
 from batchlab.runs import device_name, global_batch_size, global_seed, log_hparams, run_dir, run_hparams
 from batchlab.signals import signal_of
+from batchlab.tune import BatchSizeSearch
+from batchlab.tune_result import TuneResult
 
 
 @dataclass
@@ -65,7 +67,7 @@ class FitSummary:
     summary_path: Optional[str] = None
     # Where a batch-size search ran at the start of the fit: the size it started from, and what it found.
     batch_size_initial: Optional[int] = None
-    batch_size_search: Optional[Any] = field(default=None)
+    batch_size_search: Optional[TuneResult] = field(default=None)
 
 
 class RunSummary(Callback):
@@ -214,10 +216,9 @@ class RunSummary(Callback):
             log_dir=run_dir(trainer),
             interrupted=trainer.interrupted,
         )
-        search = next((c.result for c in trainer.callbacks
-                       if isinstance(c, BatchSizeFinder) and getattr(c, "result", None)), None)
-        if search is not None:  # a batchlab.tune.BatchSizeSearch ran at the start of this fit
-            summary.batch_size_initial = search["batch_size_initial"]
+        search = next((c.result for c in trainer.callbacks if isinstance(c, BatchSizeSearch) and c.result), None)
+        if search is not None:  # a search ran at the start of this fit
+            summary.batch_size_initial = search.batch_size_initial
             summary.batch_size_search = search
         return summary
 
@@ -265,7 +266,7 @@ def format_summary(s: FitSummary) -> str:
     if s.batch_size_search is not None:
         search = s.batch_size_search
         lines.append(f"  batch search  from {s.batch_size_initial} to {s.batch_size} "
-                     f"({search['mode']}, stopped because {search['stopped_because']})")
+                     f"({search.mode}, stopped because {search.stopped_because})")
     lines.append(f"  trained       {s.epochs} epochs, {s.steps} steps, {s.samples_seen} samples")
     step_ms = f", {s.step_s * 1e3:.3f} ms/step steady" if s.step_s else ""
     rate = f"{s.samples_per_s:,.0f} samples/s" if s.samples_per_s else "n/a"

@@ -1,29 +1,30 @@
-"""Lightning's batch-size finder, made honest: every trial recorded, the reason the search stopped, and the
-random state restored so that the search changes nothing but the batch size.
+"""Lightning's batch-size finder, made honest: every trial recorded, the reason the search stopped, never a size
+that never ran, and the random state restored so that the search changes nothing but the batch size.
 
-Used two ways:
+Used three ways:
 
 - ``batchlab tune -c configs/seed.yaml [--mode binsearch --max_val 4096 ...]`` searches, prints the size found
   and why the search stopped (``out_of_memory``, ``dataset_size``, ``max_val`` or ``max_trials``), writes
   ``tune.json`` into the run's folder and logs the size found to the run's TensorBoard HParams;
 - ``batchlab fit -c configs/seed.yaml -c configs/find_batch_size.yaml`` searches, then trains with the size
   found; ``summary.json``, ``hparams.yaml`` and TensorBoard's HParams show the size trained with and the one the
-  search started from.
+  search started from;
+- from Python, ``find_batch_size(model, datamodule, mode="binsearch", accelerator="cpu")`` returns the
+  ``TuneResult``; ``BatchSizeSearch`` is a drop-in for Lightning's ``BatchSizeFinder`` (same arguments, any
+  Trainer method, ``Tuner.scale_batch_size`` included) with the result in its ``result``.
 
-The search itself is Lightning's ``BatchSizeFinder``. Lightning removes every callback and logger while it runs
-its trials and reports them only as log lines, so ``TrialRecorder`` reads those lines (the one place batchlab
-depends on their wording; the tests pin it). The last of them, said before Lightning builds the fit's dataloaders,
-is also where an answer that never ran is replaced by one that did. Lightning restores the weights after the
-search but not the random state, so a fit after a search would otherwise shuffle differently from the same fit
-without one.
+The search itself is Lightning's. ``batchlab.trials.TrialObserver`` sees its trials through the LightningModule's
+own hooks; what they do not show is recovered from Lightning's answer (``_with_unseen_trial``). Lightning's finder
+returns ``max_val``, or in power mode the double of the last size below it, without running it; batchlab takes
+the largest size that trained instead, and applies ``binsearch``'s margin to that itself. Lightning restores the
+weights after the search but not the random state, so a fit after a search would otherwise shuffle differently
+from the same fit without one. Lightning's chatter between trials is hidden unless ``--verbose``.
 """
 
 from __future__ import annotations
 
-import logging
+import inspect
 import random
-import re
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 import numpy as np
@@ -31,269 +32,143 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BatchSizeFinder
 from lightning.pytorch.strategies import ParallelStrategy
-from lightning.pytorch.utilities.exceptions import _TunerExitException  # private: see run_tune
 from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_setattr
 
-from batchlab.errors import ConfigError, check
 from batchlab._lightning import rebuild_dataloaders, stop_after_search
-from batchlab.files import write_json
+from batchlab.errors import ConfigError, Fraction, NonNegativeInt, PositiveInt, check, check_arguments
+from batchlab.quiet import quiet_lightning
 from batchlab.runs import device_name, log_hparams, run_hparams
+from batchlab.trials import Trial, TrialObserver, dataset_size
+from batchlab.tune_result import POWER_CAP, TuneResult, format_tune, search_metrics, stop_reason, write_tune
 
-STOP_REASONS = ("out_of_memory", "dataset_size", "max_val", "max_trials")
-
-# Lightning 2.6's messages, in lightning/pytorch/tuner/batch_size_scaling.py.
-_TRIED = re.compile(r"Batch size (\d+) (succeeded|failed), trying batch size (\d+)")
-_DATASET = re.compile(r"The batch size (\d+) is greater or equal than the length of your dataset: (\d+)")
-_MAX_VAL = re.compile(r"Reached the maximum batch size limit of (\d+)")
-_MARGIN = re.compile(r"reducing batch size from (\d+) to (\d+)")
-_CAPPED = re.compile(r"Batch size (\d+) exceeds max_val limit (\d+), capping at")
-# Lightning 2.6's power search doubles through a helper called without max_val, which then caps at this.
-POWER_CAP = 8192
-_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.tuner.batch_size_scaling")
-
-
-class TrialRecorder(logging.Handler):
-    """Collects the finder's trials from its log lines, with the peak device memory of each on a GPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        super().__init__(logging.INFO)
-        self.device = device
-        self.trials: list[dict[str, Any]] = []
-        self.dataset_size: Optional[int] = None
-        self.hit_max_val = False
-        self.before_margin: Optional[int] = None
-        self._pending: Optional[int] = None
-        self._from_dataset_message: set[int] = set()  # indices of trials recorded from the dataset message
-
-    def __enter__(self) -> TrialRecorder:
-        self._levels = []
-        for name in _LOGGERS:
-            logger = logging.getLogger(name)
-            self._levels.append(logger.level)
-            logger.setLevel(logging.INFO)  # the trials must be seen even where the user quietened Lightning
-            logger.addHandler(self)
-        self._reset_peak()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for name, level in zip(_LOGGERS, self._levels):
-            logger = logging.getLogger(name)
-            logger.removeHandler(self)
-            logger.setLevel(level)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if m := _TRIED.search(message):
-            size, ok, following = int(m.group(1)), m.group(2) == "succeeded", int(m.group(3))
-            self._trial(size, ok)
-            # "trying" the size just run means the cap stopped the doubling: nothing more will run.
-            self._pending = following if ok and following != size else None
-        elif m := _DATASET.search(message):
-            # Said after a successful trial at that size, instead of "succeeded, trying ...", and once before any
-            # trial when the configured batch size already covers the data (``finish`` drops that one).
-            self._from_dataset_message.add(len(self.trials))
-            self._trial(int(m.group(1)), True)
-            self.dataset_size = int(m.group(2))
-            self._pending = None
-        elif _MAX_VAL.search(message) or _CAPPED.search(message):
-            # Said before trying the capped size, which is then never tried.
-            self.hit_max_val = True
-            self._pending = None
-        elif m := _MARGIN.search(message):
-            self.before_margin = int(m.group(1))
-
-    def finish(self) -> None:
-        """Record the last trial, which Lightning runs without a message when it ends on ``max_trials``, and drop
-        the dataset message said before any trial (a real trial is never followed by another of its size)."""
-        if self._pending is not None:
-            self._trial(self._pending, True)
-            self._pending = None
-        self.trials = [
-            t for i, t in enumerate(self.trials)
-            if not (i in self._from_dataset_message and i + 1 < len(self.trials)
-                    and self.trials[i + 1]["batch_size"] == t["batch_size"])
-        ]
-
-    def _trial(self, batch_size: int, ok: bool) -> None:
-        trial: dict[str, Any] = {"batch_size": batch_size, "ok": ok}
-        if self.device.type == "cuda":
-            trial["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
-            self._reset_peak()
-        self.trials.append(trial)
-
-    def _reset_peak(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-
-def stop_reason(trials: list[dict[str, Any]], dataset_size: Optional[int], hit_max_val: bool) -> str:
-    """Why the search ended: a failed trial means memory set the limit; otherwise the first cap reached."""
-    if any(not t["ok"] for t in trials):
-        return "out_of_memory"
-    if dataset_size is not None:
-        return "dataset_size"
-    if hit_max_val:
-        return "max_val"
-    return "max_trials"
+__all__ = ["BatchSizeSearch", "TuneResult", "check_not_distributed", "find_batch_size", "format_tune", "run_tune",
+           "write_tune"]
 
 
 class BatchSizeSearch(BatchSizeFinder):
-    """Lightning's ``BatchSizeFinder`` that records its trials and why it stopped, restores the random state
-    after the search, and records the batch size it started from next to the one it found.
+    """Lightning's ``BatchSizeFinder`` that records its trials and why it stopped, never reports a size that never
+    ran, restores the random state after the search, and keeps the batch size it started from. Lightning's own
+    lines between the trials are hidden unless ``batchlab.quiet.set_verbose(True)`` (``--verbose``).
 
     Args:
-        mode: ``power`` doubles until a cap or an out-of-memory error; ``binsearch`` then bisects.
-        steps_per_trial: Training steps run at each batch size tried.
-        init_val: First batch size tried.
-        max_trials: Most batch sizes tried.
+        mode: ``power`` doubles the batch size until a trial runs out of memory or a cap is reached; ``binsearch``
+            then bisects between the last size that fitted and the first that did not.
+        steps_per_trial: Training steps run at each size (batches under validate, test and predict).
+        init_val: First batch size tried (the configured one where it already covers the data, as in Lightning).
+        max_trials: Most trials (``binsearch`` counts those that fit, and always runs one); 0 with ``power``
+            tries nothing and keeps ``init_val``, untried.
+        batch_arg_name: Attribute that holds the batch size, on the model, its ``hparams`` or the datamodule.
+        margin: Fraction taken off the size ``binsearch`` finds, as a safety buffer.
         max_val: Cap of the search (on a CPU, where nothing runs out of memory, what ends it): Lightning stops
             before running it, so every size tried is below it.
-        margin: Fraction taken off the size found by ``binsearch``, as a safety buffer.
     """
 
     def __init__(
         self,
         mode: Literal["power", "binsearch"] = "power",
-        steps_per_trial: int = 3,
-        init_val: int = 2,
-        max_trials: int = 25,
-        max_val: int = 8192,
-        margin: float = 0.05,
+        steps_per_trial: PositiveInt = 3,
+        init_val: PositiveInt = 2,
+        max_trials: NonNegativeInt = 25,
+        batch_arg_name: str = "batch_size",
+        margin: Fraction = 0.05,
+        max_val: PositiveInt = 8192,
     ) -> None:
-        check(mode in ("power", "binsearch"), f"mode={mode!r} is not allowed: use 'power' or 'binsearch'")
-        for name, value in (("steps_per_trial", steps_per_trial), ("init_val", init_val),
-                            ("max_trials", max_trials), ("max_val", max_val)):
-            check(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                f"{name}={value!r} is not allowed: use a positive integer",
-            )
-        check(init_val < max_val, f"init_val={init_val} is not below max_val={max_val}: use init_val < max_val")
+        mode = mode.lower() if isinstance(mode, str) else mode  # as Lightning's finder takes it
+        # steps_per_trial=0 is refused too: Lightning's loop would stop before a step, and every trial "fit".
+        check_arguments(BatchSizeSearch.__init__, {
+            "mode": mode, "steps_per_trial": steps_per_trial, "init_val": init_val, "max_trials": max_trials,
+            "batch_arg_name": batch_arg_name, "margin": margin, "max_val": max_val})
+        check(init_val < max_val, f"init_val={init_val} is not below max_val={max_val}: Lightning would stop before "
+                                  "its first trial and return init_val untried; use init_val < max_val")
         check(
             mode == "binsearch" or max_val <= POWER_CAP,
             f"max_val={max_val} is not allowed with mode='power': Lightning's power search stops at {POWER_CAP} "
             "whatever max_val says; use --mode binsearch --margin 0 to search further",
         )
-        check(0 <= margin < 1, f"margin={margin} is not allowed: use a number in [0, 1)")
-        super().__init__(mode, steps_per_trial, init_val, max_trials, "batch_size", margin, max_val)
-        self.settings = {"mode": mode, "steps_per_trial": steps_per_trial, "init_val": init_val,
-                         "max_trials": max_trials, "max_val": max_val, "margin": margin}
-        self.result: Optional[dict[str, Any]] = None
-        self.before_margin: Optional[int] = None
-        self.untried_corrected_from: Optional[int] = None
+        # Lightning's own search runs without a margin: batchlab takes it off the largest size that trained.
+        super().__init__(mode, steps_per_trial, init_val, max_trials, batch_arg_name, 0.0, max_val)
+        self.mode, self.steps_per_trial, self.init_val = mode, steps_per_trial, init_val
+        self.max_trials, self.batch_arg_name, self.margin, self.max_val = max_trials, batch_arg_name, margin, max_val
+        self.result: Optional[TuneResult] = None
 
     def scale_batch_size(self, trainer: Trainer, pl_module: LightningModule) -> None:
         check_not_distributed(trainer)
-        initial = lightning_getattr(pl_module, "batch_size")
-        self.before_margin = self.untried_corrected_from = None
+        initial = lightning_getattr(pl_module, self.batch_arg_name)
         rng = _rng_state()
-        recorder = TrialRecorder(pl_module.device)
-        ends_the_run = False
+        observer = TrialObserver(trainer, pl_module, self.batch_arg_name)
+        self.result, self.optimal_batch_size = None, None
+        stopped: Optional[BaseException] = None
         try:
-            with recorder:
-                try:
-                    super().scale_batch_size(trainer, pl_module)
-                except _TunerExitException:  # the search ended and `batchlab tune` stops here
-                    ends_the_run = True
-                    self._finish(trainer, pl_module, recorder, rebuild=False)
-                    raise
-                self._finish(trainer, pl_module, recorder, rebuild=True)
-        finally:
-            _set_rng_state(rng)
-            self.result = self._describe(trainer, pl_module, initial, recorder)
-            sizes = {"batch_size": self.result["batch_size"], "batch_size_initial": initial}
-            if ends_the_run:
+            with quiet_lightning(), observer:
+                super().scale_batch_size(trainer, pl_module)
+        except BaseException as exc:  # re-raised below, once the random state is back and the result made
+            stopped = exc
+        _set_rng_state(rng)
+        # Lightning sets its answer once the search is done, before it stops a run that only searches: an error
+        # raised without one came from inside the search (or fast_dev_run skipped it: no answer, nothing ran).
+        if self.optimal_batch_size is not None:
+            self.result = self._conclude(trainer, pl_module, observer.trials, initial)
+            sizes = {self.batch_arg_name: self.result.batch_size, "batch_size_initial": initial}
+            if stopped is not None:
                 # Nothing else reports this run, so its HParams session is the search's, against what the search
                 # measured (TensorBoard writes no session without a metric). Logged here, before Lightning closes
-                # the logger on its way out of the fit.
+                # the logger on its way out.
                 log_hparams(trainer, run_hparams(trainer, pl_module, **sizes), metrics=search_metrics(self.result))
             else:
                 # A fit follows: RunSummary logs its session at the end, against the fit's metrics; until then
                 # the logger and hparams.yaml hold the size found instead of the configured one.
                 log_hparams(trainer, sizes)
+        if stopped is not None:
+            raise stopped
 
-    def _finish(self, trainer: Trainer, pl_module: LightningModule, recorder: TrialRecorder, rebuild: bool) -> None:
-        """Complete the trial list and never recommend a size that was never tried.
-
-        Lightning's finder never runs ``max_val`` itself (it stops when the next size reaches it) yet returns it, or
-        in power mode the double of the last size below it, and ``binsearch`` then takes the margin off that. A
-        size that never ran is not known to fit, so the found size is then based on the largest size that ran. Where
-        a fit follows (``rebuild``), its dataloaders, which Lightning built at its own answer, are built again.
-        """
-        recorder.finish()
-        if _drops_last(trainer) and recorder.dataset_size:
-            # With drop_last a batch above the data is no batch at all: Lightning counts that trial a success, but
-            # it trained nothing, and a fit at that size would train nothing either.
-            for t in recorder.trials:
-                if t["batch_size"] > recorder.dataset_size:
-                    t["no_batch"] = True
-        returned = self.optimal_batch_size
-        found = self._tried_size(recorder, returned)
+    def _conclude(self, trainer: Trainer, pl_module: LightningModule, seen: list[Trial], initial: Any) -> TuneResult:
+        """The result, from the trials and Lightning's answer; the size found replaces Lightning's answer in the
+        batch-size attribute and in the running loop's dataloaders where the two differ."""
+        answer = self.optimal_batch_size
+        trials = self._with_unseen_trial(seen, answer)
+        trained = [t.batch_size for t in trials if t.trained]
+        # Nothing trained (every trial out of memory, or max_trials=0): Lightning's answer, nothing better to go on.
+        base = max(trained, default=answer)
+        found = base
+        if self.mode == "binsearch" and self.margin > 0:
+            found = max(1, int(base * (1 - self.margin)))  # Lightning's own margin arithmetic
         self.optimal_batch_size = found
-        if found != returned:
-            lightning_setattr(pl_module, "batch_size", found)
-            if rebuild:
-                rebuild_dataloaders(trainer)
+        if found != answer:
+            lightning_setattr(pl_module, self.batch_arg_name, found)
+            rebuild_dataloaders(trainer)
+        stage = trainer.state.fn.value if trainer.state.fn else "fit"
+        size = dataset_size(trainer, stage)
+        return TuneResult(
+            batch_size=found,
+            effective_batch_size=min(found, size) if size else found,
+            batch_size_initial=initial,
+            mode=self.mode, steps_per_trial=self.steps_per_trial, init_val=self.init_val,
+            max_trials=self.max_trials, max_val=self.max_val, margin=self.margin,
+            batch_arg_name=self.batch_arg_name, stage=stage,
+            stopped_because=stop_reason(trials, self.mode, self.max_trials, size),
+            trials=trials,
+            largest_ok=max(trained, default=None),
+            found_was_tried=found in {t.batch_size for t in trials},
+            before_margin=base if found != base else None,
+            untried_corrected_from=answer if trained and answer != base else None,
+            dataset_size=size,
+            device=device_name(pl_module.device),
+            memory_limited=any(not t.ok for t in trials),
+        )
 
-    def _tried_size(self, recorder: TrialRecorder, returned: Optional[int]) -> Optional[int]:
-        """The size found from Lightning's answer ``returned``: its own, or one based on the largest that ran."""
-        self.before_margin = recorder.before_margin
-        answer = recorder.before_margin or returned  # Lightning's answer before its margin
-        ran = {t["batch_size"] for t in recorder.trials if _trained(t)}
-        base = max((s for s in ran if answer is not None and s <= answer), default=None)
-        if answer is None or answer in ran or base is None:
-            return returned  # its answer ran, or none did (all out of memory): nothing to fall back on
-        self.untried_corrected_from, self.before_margin = answer, None
-        margin = self.settings["margin"]
-        if self.settings["mode"] != "binsearch" or margin == 0:
-            return base
-        # Lightning's own margin arithmetic (batch_size_scaling._run_binsearch_scaling), on the size that ran.
-        found = max(1, int(base * (1 - margin)))
-        self.before_margin = base if found != base else None
-        return found
+    def _with_unseen_trial(self, seen: list[Trial], answer: int) -> list[Trial]:
+        """``seen``, plus the trial Lightning ran at ``answer`` where its loop returned before any hook.
 
-    def _describe(
-        self, trainer: Trainer, pl_module: LightningModule, initial: int, recorder: TrialRecorder
-    ) -> dict[str, Any]:
-        found = self.optimal_batch_size or lightning_getattr(pl_module, "batch_size")
-        trials = recorder.trials
-        tried = {t["batch_size"] for t in trials}
-        dataset_size = recorder.dataset_size
-        effective = min(found, dataset_size) if dataset_size else found
-        return {
-            "batch_size": found,
-            "effective_batch_size": effective,
-            "batch_size_initial": initial,
-            **self.settings,
-            "stopped_because": stop_reason(trials, dataset_size, recorder.hit_max_val),
-            "trials": trials,
-            "largest_ok": max((t["batch_size"] for t in trials if _trained(t)), default=None),
-            "found_was_tried": found in tried,
-            "before_margin": self.before_margin,
-            "untried_corrected_from": self.untried_corrected_from,
-            "dataset_size": dataset_size,
-            "device": device_name(pl_module.device),
-            "memory_limited": any(not t["ok"] for t in trials),
-        }
-
-
-def _trained(trial: dict[str, Any]) -> bool:
-    """A trial that ran its steps: not out of memory, and not a drop_last batch above the data (no batch at all)."""
-    return trial["ok"] and not trial.get("no_batch")
-
-
-def _drops_last(trainer: Trainer) -> bool:
-    """Whether the training loader the search ran with drops its last, smaller batch (a DataLoader's or batchlab's
-    ``drop_last``; False for loaders without one)."""
-    return bool(getattr(trainer.train_dataloader, "drop_last", False))
-
-
-def search_metrics(result: dict[str, Any]) -> dict[str, float]:
-    """What a search measured, as the metrics of its TensorBoard HParams session."""
-    metrics = {"hp/largest_batch_tried": result["largest_ok"], "hp/trials": len(result["trials"])}
-    ran = [t for t in result["trials"] if t["ok"] and t["batch_size"] == result["largest_ok"]]
-    if ran and "peak_memory_bytes" in ran[-1]:
-        metrics["hp/peak_memory_mib"] = ran[-1]["peak_memory_bytes"] / 2**20
-    return {k: v for k, v in metrics.items() if v is not None}
+        A loop whose loader holds no batch (``drop_last`` and a batch above the data) returns at once; Lightning
+        counts that trial a success and, its batch covering the data, ends the search on it. Nothing else leaves
+        Lightning's answer unseen after trials that all fitted, with trials to spare, and below ``max_val``
+        (Lightning returns a size at or above it without running it).
+        """
+        allowed = self.max_trials if self.mode == "power" else max(1, self.max_trials)
+        unseen = answer not in {t.batch_size for t in seen} and all(t.ok for t in seen)
+        if unseen and answer < self.max_val and len(seen) < allowed:
+            return [*seen, Trial(answer, ok=True, steps=0)]
+        return seen
 
 
 def check_not_distributed(trainer: Trainer) -> None:
@@ -311,68 +186,42 @@ def check_not_distributed(trainer: Trainer) -> None:
     )
 
 
-def format_tune(result: dict[str, Any], path: Optional[Path] = None) -> str:
-    """The lines ``batchlab tune`` prints."""
-    found, reason = result["batch_size"], result["stopped_because"]
-    why = {
-        "out_of_memory": "a larger batch ran out of device memory",
-        "dataset_size": f"the batch covers all {result['dataset_size']} training samples",
-        "max_val": f"it reached max_val={result['max_val']}",
-        "max_trials": f"it used all max_trials={result['max_trials']} trials",
-    }[reason]
-    start = result["trials"][0]["batch_size"] if result["trials"] else result["batch_size_initial"]
-    lines = ["", "batchlab tune", f"  batch size found   {found} (--mode {result['mode']}, starting at {start})",
-             f"  stopped because    {reason}: {why}"]
-    if result["effective_batch_size"] != found:
-        lines.append(
-            f"  effective          {result['effective_batch_size']}: a batch of {found} holds all "
-            f"{result['dataset_size']} samples"
-        )
-    for t in result["trials"]:
-        memory = f", peak {t['peak_memory_bytes'] / 2**20:,.0f} MiB" if "peak_memory_bytes" in t else ""
-        state = "out of memory" if not t["ok"] else "ran no batch (drop_last)" if t.get("no_batch") else "ok"
-        lines.append(f"  trial              {t['batch_size']:>8} {state}{memory}")
-    corrected, max_val, largest = result.get("untried_corrected_from"), result["max_val"], result["largest_ok"]
-    base = result["before_margin"] or found
-    if corrected and any(t.get("no_batch") and t["batch_size"] == corrected for t in result["trials"]):
-        lines.append(
-            f"  no batch           Lightning's finder returned {corrected}, above the {result['dataset_size']} "
-            f"training samples, which drop_last leaves without a batch; {base}, the largest size that trained, "
-            "is used instead"
-        )
-    elif corrected:
-        why = ("it stops before max_val" if corrected == max_val
-               else f"above max_val={max_val}" if corrected > max_val else "")
-        lines.append(
-            f"  untried            Lightning's finder returned {corrected} but never tried it"
-            + (f" ({why})" if why else "") + f"; {base}, the largest size tried, is used instead"
-        )
-        if corrected == max_val:
-            raise_it = "--max_val above it" if result["mode"] == "binsearch" or max_val < POWER_CAP else (
-                "--max_val above it with --mode binsearch --margin 0")
-            lines.append(f"                     to have {max_val} tried, raise {raise_it}")
-    if result["before_margin"]:
-        lines.append(
-            f"  margin             {result['before_margin']} less the {result['margin']:.0%} margin gives {found}"
-        )
-    elif not result["found_was_tried"]:
-        ran = f"the largest size tried was {largest}" if largest else "no size tried ran"
-        lines.append(f"  untried            {found} itself was never tried: {ran}")
-    lines.append(f"  device             {result['device']}")
-    if not result["memory_limited"]:
-        where = "on a CPU nothing runs out of memory" if result["device"] == "cpu" else "nothing ran out of memory"
-        lines.append(
-            f"  memory             did not limit this search ({where}); the largest batch tried was {largest}"
-        )
-        lines.append("  next               for a batch size worth training with, run `batchlab study`")
-    if path is not None:
-        lines.append(f"  written            {path}")
-    return "\n".join(lines)
+def run_tune(trainer: Trainer, model: LightningModule, datamodule: Any, finder: BatchSizeSearch) -> TuneResult:
+    """Search with ``finder`` and stop, as ``lightning.pytorch.tuner.Tuner.scale_batch_size`` does (Tuner builds
+    its own finder, so this repeats its few lines with ours)."""
+    check_not_distributed(trainer)
+    stop_after_search(finder)
+    trainer.callbacks = [finder] + [c for c in trainer.callbacks if not isinstance(c, BatchSizeFinder)]
+    try:
+        trainer.fit(model, datamodule=datamodule)
+    finally:
+        trainer.callbacks = [c for c in trainer.callbacks if c is not finder]
+    if finder.result is None:
+        raise ConfigError("the batch-size search did not run")
+    return finder.result
 
 
-def write_tune(result: dict[str, Any], log_dir: str) -> Path:
-    Path(log_dir).mkdir(parents=True, exist_ok=True)
-    return write_json(Path(log_dir) / "tune.json", result)
+# A search from Python leaves nothing behind and runs on one device, unless told otherwise.
+SEARCH_TRAINER = {"devices": 1, "logger": False, "enable_checkpointing": False, "enable_model_summary": False,
+                  "enable_progress_bar": False}
+
+
+def find_batch_size(model: LightningModule, datamodule: Any = None, **options: Any) -> TuneResult:
+    """Search the largest batch size that fits: ``options`` are ``BatchSizeSearch``'s and the Trainer's keyword
+    arguments (on a Trainer without logger, checkpoints or progress bar, on one device, unless they say otherwise).
+
+        result = find_batch_size(model, datamodule, mode="binsearch", max_val=4096, accelerator="cpu")
+        result.batch_size, result.stopped_because, result.trials
+    """
+    finder_names = inspect.signature(BatchSizeSearch).parameters
+    trainer_names = inspect.signature(Trainer).parameters
+    unknown = next((k for k in options if k not in finder_names and k not in trainer_names), None)
+    if unknown is not None:
+        raise ConfigError(f"{unknown}={options[unknown]!r} is not allowed: use an argument of "
+                          "batchlab.tune.BatchSizeSearch or of lightning.pytorch.Trainer")
+    finder = BatchSizeSearch(**{k: v for k, v in options.items() if k in finder_names})
+    trainer = Trainer(**{**SEARCH_TRAINER, **{k: v for k, v in options.items() if k in trainer_names}})
+    return run_tune(trainer, model, datamodule, finder)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -388,22 +237,3 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def run_tune(trainer: Trainer, model: LightningModule, datamodule: Any, finder: BatchSizeSearch) -> dict[str, Any]:
-    """Search with ``finder`` and stop, as ``lightning.pytorch.tuner.Tuner.scale_batch_size`` does.
-
-    Tuner builds its own finder, so this repeats its few lines with ours. The two private names used here and in
-    ``BatchSizeSearch`` (``_early_exit`` and ``_TunerExitException``) are how Lightning's own Tuner stops a fit
-    after the search; no public hook does it.
-    """
-    check_not_distributed(trainer)
-    stop_after_search(finder)
-    trainer.callbacks = [finder] + [c for c in trainer.callbacks if not isinstance(c, BatchSizeFinder)]
-    try:
-        trainer.fit(model, datamodule=datamodule)
-    finally:
-        trainer.callbacks = [c for c in trainer.callbacks if c is not finder]
-    if finder.result is None:
-        raise ConfigError("the batch-size search did not run")
-    return finder.result
