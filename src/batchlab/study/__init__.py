@@ -3,6 +3,9 @@
     batchlab study -c configs/study.yaml            # the full study (about 2 minutes on 2 CPU cores)
     batchlab study -c configs/study.yaml --quick    # seconds: noise scale and throughput only
 
+    from batchlab import run_study                  # the same from Python
+    result = run_study(model, datamodule, target=1.05, accelerator="cpu", out="studies/x")
+
 For every batch size B of a grid it measures
 
 1. throughput: the steady-state time per optimizer step t(B) of a real Lightning fit, fitted by alpha + beta B;
@@ -23,7 +26,7 @@ study, one fit after another, in step: B is the global batch (B / world size per
 0's, broadcast to all ranks so that all take the same decisions, and rank 0 alone writes. The noise scale then
 comes from the ranks' own gradients (B_small = one rank's batch, B_big = the global batch).
 
-Modules, in the order a study uses them: ``settings`` (the options), ``runner`` (``Study``),
+Modules, in the order a study uses them: ``settings`` (the options), ``runner`` (``Study``, ``run_study``),
 ``ranks`` (rank 0 decides), ``folder`` (the resumable folder), ``fitting`` (the one fit every measurement makes),
 ``grid``, ``throughput``, ``noise``, ``sweep`` (the measurements), ``recommendation`` (fits and answer),
 ``results`` (the dataclasses), ``report`` and ``plots`` (what is written and printed).
@@ -37,7 +40,7 @@ from typing import Any
 # What the package offers, by the module that holds it: imported on first use, so that the command line's parser,
 # which reads StudySettings alone, does not import the study itself.
 _EXPORTS = {
-    "StudySettings": "settings", "Study": "runner", "format_study": "report",
+    "StudySettings": "settings", "Study": "runner", "run_study": "runner", "format_study": "report",
     "write_report": "report", **{name: "results" for name in (
         "BatchSizeResult", "CurvePoint", "NoisePoint", "NoiseScale", "StepTiming", "StudyResult", "Throughput",
         "Trial")},

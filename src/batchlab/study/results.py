@@ -1,4 +1,4 @@
-"""What a batch-size study measures and concludes, as dataclasses: what ``Study.run`` returns, what the report
+"""What a batch-size study measures and concludes, as dataclasses: what ``run_study`` returns, what the report
 reads and, through ``batchlab.files.jsonable``, what the study's JSON files hold.
 
 - ``StepTiming``: one timed run of one batch size (``throughput/bs<B>-round<R>.json``); ``Throughput``: a batch

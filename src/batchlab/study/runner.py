@@ -1,22 +1,30 @@
 """One study from start to end: ``Study(...).run()`` checks the configuration, opens the folder, measures the
 throughput, the noise scale and (unless quick) the LR sweeps, fits and recommends, writes the report and returns
-the ``StudyResult``. ``batchlab study`` runs one from the command line."""
+the ``StudyResult``. ``batchlab study`` runs one from the command line; ``run_study`` from Python:
+
+    from batchlab import run_study
+    from batchlab.study import format_study
+
+    result = run_study(model, datamodule, target=1.05, accelerator="cpu", quick=True, out="studies/x")
+    print(format_study(result))
+"""
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Optional
 
 import lightning
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from tqdm.auto import tqdm
 
 from batchlab._lightning import runs_fits_in_this_process
 from batchlab.errors import check
 from batchlab.quiet import STARTUP_LINES
-from batchlab.runs import device_name
-from batchlab.study.fitting import Fitter, check_batch_size_holder, get_value
+from batchlab.runs import device_name, global_seed
+from batchlab.study.fitting import STUDY_OWNED, Fitter, check_batch_size_holder, get_value
 from batchlab.study.folder import StudyFolder
 from batchlab.study.grid import batch_size_grid, memory_max, train_size
 from batchlab.study.noise import measure_noise_scale
@@ -139,3 +147,31 @@ class Study:
             self._bar.total += n
             self._bar.refresh()
 
+
+def run_study(model: LightningModule, datamodule: Optional[LightningDataModule] = None, seed: Optional[int] = None,
+              **options: Any) -> StudyResult:
+    """Run a batch-size study from Python, as ``batchlab study`` does, into the same folder; returns its result
+    (``batchlab.study.format_study(result)`` is what the command prints).
+
+    Args:
+        model: The model; every run starts from its initial weights.
+        datamodule: The data.
+        seed: The seed every fit starts from; default: the one ``seed_everything`` set, else 0.
+        options: ``StudySettings`` fields (``target``, ``quick``, ``out``...) and Trainer arguments
+            (``accelerator``, ``devices``, ``precision``, ``strategy``...), by name.
+    """
+    settings, trainer_kwargs = split_options(options)
+    seed = seed if seed is not None else global_seed() or 0
+    return Study(model, datamodule, trainer_kwargs, StudySettings(**settings), seed).run()
+
+
+def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``options`` as (study settings, Trainer arguments); a name that is neither is a ``ConfigError``."""
+    setting_names = list(inspect.signature(StudySettings).parameters)
+    trainer_names = [n for n in inspect.signature(Trainer.__init__).parameters if n not in {"self", *STUDY_OWNED}]
+    unknown = sorted(set(options) - set(setting_names) - set(trainer_names))
+    check(not unknown, f"{', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not allowed in run_study: use "
+                       f"study settings ({', '.join(setting_names)}) or Trainer arguments the study does not set "
+                       f"itself ({', '.join(trainer_names)})")
+    settings = {k: v for k, v in options.items() if k in setting_names}
+    return settings, {k: v for k, v in options.items() if k not in settings}

@@ -2,9 +2,10 @@
 
 ``batchlab study``'s flags and ``configs/study.yaml``'s keys are these fields: ``BatchlabTrainer.study`` forwards
 its keyword arguments to this class, and jsonargparse builds the flags, their help (from ``Args:`` below), their
-defaults and their type checks from it. The types say what each value may be (``check_arguments`` applies them to
-values given from Python); what no type can say is checked in ``__post_init__``. The seed is not a setting: every
-fit of a study starts from the run's seed (``--seed_everything``).
+defaults and their type checks from it. ``batchlab.run_study`` takes the same names as keyword arguments. The types
+say what each value may be (``check_arguments`` applies them to values given from Python); what no type can say is
+checked in ``__post_init__``. The seed is not a setting: every fit of a study starts from the run's seed
+(``--seed_everything``).
 """
 
 from __future__ import annotations
