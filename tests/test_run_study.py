@@ -51,6 +51,7 @@ def test_a_quick_study_from_python_writes_what_the_command_writes_and_returns_wh
     assert printed.out == format_study(result).replace("folder   api", "folder   cli") + "\n"
 
 
+@pytest.mark.slow  # the command's tiny full study, test_study.py's, runs by default
 def test_a_tiny_full_study_from_python_resumes_from_its_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model, data, options = _tiny()
