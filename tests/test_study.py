@@ -10,7 +10,9 @@ import pytest
 from conftest import STUDY, scalars, signal_a_study
 
 from batchlab import scaling
-from batchlab import study as study_module
+from batchlab.study import Study, StudySettings, fitting, noise, sweep
+from batchlab.study import throughput as timing
+from batchlab.study.results import Trial
 
 TINY = [
     "study", "-c", STUDY, "--data.n_samples", "2304", "--data.val_fraction", "0.111111", "--data.eval_batch_size",
@@ -88,7 +90,7 @@ def test_rerunning_a_finished_study_repeats_no_measurement(batchlab, tmp_path, m
     def no_fit(*args, **kwargs):
         raise AssertionError("a finished measurement was repeated")
 
-    monkeypatch.setattr(study_module.Study, "_fit", no_fit)
+    monkeypatch.setattr(fitting.Fitter, "fit", no_fit)
     result = batchlab(*TINY)
     assert result.code == 0, result.err
     assert json.loads((tmp_path / "study" / "summary.json").read_text()) == json.loads(summary)
@@ -97,26 +99,26 @@ def test_rerunning_a_finished_study_repeats_no_measurement(batchlab, tmp_path, m
 
 
 def test_an_interrupted_study_keeps_finished_trials_and_runs_only_the_rest(batchlab, tmp_path, monkeypatch):
-    real = study_module.Study._run_trial
+    real = sweep._run_trial
     calls = []
 
-    def interrupted_after_three(self, batch_size, lr, *args):
+    def interrupted_after_three(study, batch_size, lr, *args):
         if len(calls) == 3:
             raise KeyboardInterrupt
         calls.append((batch_size, round(lr, 12)))
-        return real(self, batch_size, lr, *args)
+        return real(study, batch_size, lr, *args)
 
-    monkeypatch.setattr(study_module.Study, "_run_trial", interrupted_after_three)
+    monkeypatch.setattr(sweep, "_run_trial", interrupted_after_three)
     assert batchlab(*TINY).code == 130
     assert len(list((tmp_path / "study" / "trials").glob("*.json"))) == 3
     first = list(calls)
     calls.clear()
 
-    def counted(self, batch_size, lr, *args):
+    def counted(study, batch_size, lr, *args):
         calls.append((batch_size, round(lr, 12)))
-        return real(self, batch_size, lr, *args)
+        return real(study, batch_size, lr, *args)
 
-    monkeypatch.setattr(study_module.Study, "_run_trial", counted)
+    monkeypatch.setattr(sweep, "_run_trial", counted)
     assert batchlab(*TINY).code == 0
     assert not set(calls) & set(first), "no finished trial ran again"
     assert len(calls) == 10 - 3
@@ -158,7 +160,7 @@ def _synthetic_step_times(alpha, beta):
     """A StepTimer that records every timed step as exactly alpha + beta B seconds: the quick answer then depends
     on the noise scale and these numbers only, not on how fast or busy the machine is."""
 
-    class SyntheticStepTimer(study_module.StepTimer):
+    class SyntheticStepTimer(timing.StepTimer):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step > self.warmup:
                 self.times.append(alpha + beta * len(batch[0]))
@@ -169,7 +171,7 @@ def _synthetic_step_times(alpha, beta):
 @pytest.mark.parametrize("beta", [1e-5, 0.0], ids=["per-sample-cost", "flat"])
 def test_quick_mode_recommends_from_noise_scale_and_throughput_alone(batchlab, tmp_path, monkeypatch, beta):
     alpha = 2e-3
-    monkeypatch.setattr(study_module, "StepTimer", _synthetic_step_times(alpha, beta))
+    monkeypatch.setattr(timing, "StepTimer", _synthetic_step_times(alpha, beta))
     result = batchlab(*TINY, "--quick")
     assert result.code == 0, result.err
     root = tmp_path / "study"
@@ -235,7 +237,8 @@ def test_any_lightning_module_and_datamodule_by_class_path(batchlab, tmp_path):
     ("args", "message"),
     [
         (["--target", "null"], "--target is required"),
-        (["--grid", "[0, 8]"], "grid entry 0"),
+        (["--grid", "[0, 8]"], "grid=0 is not allowed: use a positive integer"),
+        (["--grid", "[2.5]"], "grid=2.5 is not allowed: use a positive integer"),
         (["--grid", "[1048576]"], "above the cap of 2048"),
         (["--lr_factors", "[]"], "lr_factors=[]"),
         (["--max_steps", "0"], "max_steps=0"),
@@ -302,7 +305,9 @@ def test_a_model_torch_func_cannot_vmap_gets_the_two_batch_noise_estimate(batchl
 
 
 def _result(factor, status, best_value, steps=None):
-    return {"lr_factor": factor, "status": status, "best_value": best_value, "steps": steps, "wall_s": 1.0}
+    return Trial(batch_size=8, lr=1e-3 * factor, lr_factor=factor, status=status, steps=steps, samples=None,
+                 seconds_to_target=None, steps_run=steps or 100, max_steps=100, wall_s=1.0, best_value=best_value,
+                 final_value=best_value, curve=[])
 
 
 @pytest.mark.parametrize(
@@ -319,18 +324,18 @@ def _result(factor, status, best_value, steps=None):
     ],
 )
 def test_the_lr_grid_is_extended_towards_the_better_edge(results, direction):
-    assert study_module._extend_direction(results) == direction
+    assert sweep.extend_direction(results) == direction
 
 
 def test_the_best_lr_among_equal_step_counts_is_the_one_tried_first_not_the_faster_wall_clock():
     tried_first, later = _result(1, "reached", 1.0, 80), _result(2, "reached", 1.0, 80)
-    later["wall_s"] = 0.5  # noise: the same steps at the same batch size
-    assert study_module._best([tried_first, later]) is tried_first
-    assert study_module._best([later, tried_first]) is tried_first
+    later.wall_s = 0.5  # noise: the same steps at the same batch size
+    assert sweep.best_trial([tried_first, later]) is tried_first
+    assert sweep.best_trial([later, tried_first]) is tried_first
     below = _result(0.5, "reached", 1.0, 80)
-    assert study_module._best([below, tried_first, later]) is tried_first
-    assert study_module._best([below, later]) is below, "0.5 and 2 are as near 1: the smaller LR"
-    assert study_module._best([later, _result(0.5, "reached", 1.0, 75)])["lr_factor"] == 0.5, "fewer steps win"
+    assert sweep.best_trial([below, tried_first, later]) is tried_first
+    assert sweep.best_trial([below, later]) is below, "0.5 and 2 are as near 1: the smaller LR"
+    assert sweep.best_trial([later, _result(0.5, "reached", 1.0, 75)]).lr_factor == 0.5, "fewer steps win"
 
 
 @pytest.mark.parametrize(
@@ -354,7 +359,7 @@ def test_a_real_signal_stops_a_study_cleanly_and_a_rerun_repeats_no_trial(batchl
 def test_an_infinite_noise_scale_is_kept_as_null_and_a_resumed_study_reads_it_alike(batchlab, tmp_path, monkeypatch):
     """Where the mean gradient is lost in the noise, B_simple is infinite: stored as null, it must give the first
     run and a resumed one the same answer (the largest grid batch), and the report must draw without it."""
-    monkeypatch.setattr(study_module.scaling, "b_simple", lambda samples: math.inf)
+    monkeypatch.setattr(noise.scaling, "b_simple", lambda samples: math.inf)
     assert batchlab(*TINY, "--quick").code == 0
     root = tmp_path / "study"
     first = json.loads((root / "quick.json").read_text())
@@ -372,10 +377,10 @@ def test_a_ddp_study_fingerprints_its_world_size(tmp_path):
     from batchlab.data import ToyRegressionData
     from batchlab.model import MLPRegressor
 
-    settings = study_module.StudySettings(target=1.5, out=str(tmp_path / "s"))
-    one = study_module.Study(MLPRegressor(), ToyRegressionData(n_samples=64), {"accelerator": "cpu"}, settings)
-    two = study_module.Study(MLPRegressor(), ToyRegressionData(n_samples=64),
-                             {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}, settings)
+    settings = StudySettings(target=1.5, out=str(tmp_path / "s"))
+    one = Study(MLPRegressor(), ToyRegressionData(n_samples=64), {"accelerator": "cpu"}, settings)
+    two = Study(MLPRegressor(), ToyRegressionData(n_samples=64),
+                {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}, settings)
     assert "world_size" not in one.fingerprint["machine"], "one-device folders made before keep matching"
     assert two.fingerprint["machine"]["world_size"] == 2
     assert two.base_batch_size == 2 * one.base_batch_size, "the configured batch size is per device"

@@ -99,80 +99,25 @@ class BatchlabTrainer(Trainer):
             print(format_tune(result, path))
         return result
 
-    def study(
-        self,
-        model: LightningModule,
-        datamodule: Optional[LightningDataModule] = None,
-        target: Optional[float] = None,
-        monitor: str = "val/loss",
-        mode: Literal["min", "max"] = "min",
-        grid: Optional[list[int]] = None,
-        max_batch_size: Optional[int] = None,
-        lr_rule: Literal["none", "linear", "sqrt"] = "sqrt",
-        base_lr: Optional[float] = None,
-        base_batch_size: Optional[int] = None,
-        lr_factors: list[float] = [0.5, 1.0, 2.0],  # noqa: B006 (jsonargparse needs a literal default)
-        lr_extend: int = 2,
-        max_steps: int = 2000,
-        check_every: int = 5,
-        patience: int = 50,
-        warmup_steps: int = 5,
-        throughput_steps: int = 10,
-        throughput_rounds: int = 3,
-        gns_batch_size: Optional[int] = None,
-        gns_points: int = 8,
-        gns_steps: int = 200,
-        gns_batches: int = 4,
-        quick: bool = False,
-        out: str = "studies/study",
-        fresh: bool = False,
-    ) -> dict[str, Any]:
+    def study(self, model: LightningModule, datamodule: Optional[LightningDataModule] = None,
+              **settings: Any) -> Any:
         """Measure speed and steps to a target per batch size, and recommend the one that gets there soonest.
 
         Args:
             model: The model, from the config; every run starts from its initial weights.
             datamodule: The data, from the config.
-            target: Value of ``monitor`` to reach (required unless ``quick``); keep it above the noise floor.
-            monitor: Validation metric the model logs.
-            mode: ``min`` (reach at or below the target) or ``max``.
-            grid: Batch sizes to measure, global under DDP (B / devices per device); default: powers of two from 1
-                (from the number of devices under DDP) to the training set size (and, on one GPU, the largest
-                that fits in memory). 2 and 32 are always added where the data allows.
-            max_batch_size: Cap on the default grid.
-            lr_rule: How the LR grid is centred at each B from ``base_lr`` at ``base_batch_size``: ``none``
-                (the same LR), ``linear`` (LR x B / base) or ``sqrt``. A fixed LR: ``none`` with
-                ``lr_factors [1]`` and ``lr_extend 0``.
-            base_lr: LR the rule starts from; default: the model's ``lr`` (or ``learning_rate``).
-            base_batch_size: Batch size of ``base_lr``; default: the configured batch size (times the devices).
-            lr_factors: LRs tried at each B, as multiples of the centre.
-            lr_extend: Extra LRs tried beyond the grid's edge, each way, while the best LR is at that edge.
-            max_steps: Step budget of one trial.
-            check_every: Validate every this many optimizer steps; steps to target are multiples of it.
-            patience: Validations without improvement after which a trial is abandoned as stalled (0: never).
-            warmup_steps: Steps excluded from the timing of each throughput run.
-            throughput_steps: Steps timed per batch size in each round.
-            throughput_rounds: Passes over the grid; each B keeps its fastest (robust to a busy machine).
-            gns_batch_size: Batch size of the gradient-noise estimates (large is better); default min(1024, data).
-            gns_points: Points of the reference run at which the noise scale is measured.
-            gns_steps: Length of the reference run (it stops earlier at the target).
-            gns_batches: Batches averaged at each point.
-            quick: Skip the steps-to-target sweep: recommend sqrt(B_simple alpha / beta) in seconds.
-            out: The study's folder; rerunning with the same configuration resumes it.
-            fresh: Start a new study in a new folder beside ``out`` instead of resuming.
+            settings: What the study measures: the fields of ``batchlab.study.StudySettings``.
         """
-        options = {k: v for k, v in locals().items() if k not in ("self", "model", "datamodule")}
-        from batchlab.report import format_study, write_report
-        from batchlab.study import Study, StudySettings
+        from batchlab.study import Study, format_study
+        from batchlab.study.settings import StudySettings  # alone: jsonargparse reads the flags from it
 
-        # Every study run reuses the run's seed (--seed_everything), so that all start alike.
-        settings = StudySettings(**{**options, "lr_factors": list(lr_factors)}, seed=global_seed() or 0)
-        study = Study(model, datamodule, self.init_kwargs, settings, self.study_config)
-        summary = study.run()
-        if study.is_global_zero:  # under DDP every rank holds the same results; one writes them
-            trials = [] if quick else [t for b in summary["grid"] for t in study.sweeps[b]]
-            written = write_report(study.folder.root, summary, trials, study.gns)
-            print(format_study(summary, written))
-        return summary
+        # Every fit of the study starts from the run's seed (--seed_everything), so that all start alike.
+        study = Study(model, datamodule, self.init_kwargs, StudySettings(**settings), global_seed() or 0,
+                      self.study_config)
+        result = study.run()
+        if study.ranks.is_global_zero:  # under DDP every rank holds the same results; one prints them
+            print(format_study(result))
+        return result
 
 
 class BatchlabCLI(LightningCLI):

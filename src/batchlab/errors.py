@@ -146,7 +146,7 @@ def _condense(text: str, prefix: str = "", args: Sequence[str] = ()) -> str:
             return f"{key}.{option.group(1)} is not an option of {class_path} (--help lists the accepted keys)"
         return f"{key}.class_path={class_path!r} is not allowed: {_flat(problem)}"
     element = re.search(r"Not of type (\w+): (?:could not convert string to float: |invalid literal for int\(\) "
-                        r"with base 10: )?'?(.*?)'?(?: does not conform.*)?$", rest, re.M)
+                        r"with base 10: )?'?(.*?)'?(?: does not conform.*| not an integer)?$", rest, re.M)
     if element and re.search(r"Given value type: <class '(list|tuple)'>|Subtypes: \[(list|tuple)\[", rest):
         # A list is reported by its bad element (x_range=[0, inf] as 'inf'), which says more than the list.
         return f"{key}={_shown_typed(element.group(2))} is not allowed: use {ALLOWED.get(element.group(1))}"

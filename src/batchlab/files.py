@@ -5,7 +5,8 @@
 - ``write_json(path, data)`` writes a new file and never replaces one: an existing ``tune.json`` makes the next
   ``tune-2.json``. Run results are a record.
 - ``jsonable(data)`` is ``data`` as strict JSON allows it: non-finite numbers (an infinite noise scale, say)
-  become null, dataclasses their fields.
+  become null, dataclasses their fields. A field declared with ``metadata={"json_if": predicate}`` is written only
+  where ``predicate(the dataclass)`` holds: a key that only some results have (a full study's fits, say).
 """
 
 from __future__ import annotations
@@ -48,11 +49,13 @@ def dumps(data: Any) -> str:
 
 
 def jsonable(data: Any) -> Any:
-    """``data`` as strict JSON allows it: non-finite floats become null, dataclasses dicts, tuples lists."""
+    """``data`` as strict JSON allows it: non-finite floats become null, dataclasses dicts (less the fields whose
+    ``json_if`` says they do not apply), tuples lists."""
     if isinstance(data, float):
         return data if math.isfinite(data) else None
     if dataclasses.is_dataclass(data) and not isinstance(data, type):
-        return jsonable({f.name: getattr(data, f.name) for f in dataclasses.fields(data)})
+        return jsonable({f.name: getattr(data, f.name) for f in dataclasses.fields(data)
+                         if f.metadata.get("json_if", _always)(data)})
     if isinstance(data, dict):
         return {str(k): jsonable(v) for k, v in data.items()}
     if isinstance(data, (list, tuple)):
@@ -60,3 +63,7 @@ def jsonable(data: Any) -> Any:
     if data is None or isinstance(data, (str, int, bool)):
         return data
     return str(data)
+
+
+def _always(data: Any) -> bool:
+    return True

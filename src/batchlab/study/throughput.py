@@ -1,0 +1,61 @@
+"""Throughput: the steady-state time per optimizer step t(B) of a real Lightning fit at every batch size of the
+grid, which the study fits by alpha + beta B. Each round of each batch size is one measurement in the study's
+folder (``throughput/bs<B>-round<R>.json``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from batchlab.study.results import StepTiming, Throughput
+
+if TYPE_CHECKING:
+    from batchlab.study.runner import Study
+
+
+class StepTimer(Callback):
+    """Times optimizer steps after ``warmup`` of them, from one ``on_train_batch_end`` to the next (the whole
+    step: data, forward, backward, optimizer, hooks), synchronising the GPU so that queued work is counted."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.times: list[float] = []
+        self._last: Optional[float] = None
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        now = time.perf_counter()
+        if self._last is not None and trainer.global_step > self.warmup:
+            self.times.append(now - self._last)
+        self._last = now
+
+
+def measure_throughput(study: Study, grid: list[int]) -> list[Throughput]:
+    """Time per step for every B, in ``throughput_rounds`` interleaved passes over the grid, keeping each B's
+    fastest pass: on a shared machine a burst of other work then spoils one pass of a few B, not the fit."""
+    rounds: dict[int, list[float]] = {b: [] for b in grid}
+    for r in range(study.settings.throughput_rounds):
+        for b in grid:
+            rounds[b].append(_time_steps(study, b, r).step_s)
+    return [Throughput(batch_size=b, step_s=min(t), samples_per_s=b / min(t), rounds_s=t) for b, t in rounds.items()]
+
+
+def _time_steps(study: Study, batch_size: int, round_: int) -> StepTiming:
+    def measure() -> StepTiming:
+        s = study.settings
+        timer = StepTimer(s.warmup_steps)
+        study.fitter.fit(batch_size, study.centre_lr(batch_size), [timer], s.warmup_steps + s.throughput_steps + 1,
+                         None)
+        times = sorted(timer.times)
+        # A low quantile, not the mean: other work on the machine only ever adds time to a step.
+        return StepTiming(batch_size=batch_size, step_s=times[len(times) // 5], median_step_s=times[len(times) // 2],
+                          steps_timed=len(times))
+
+    timing = study.folder.measured(f"throughput/bs{batch_size}-round{round_}", measure, StepTiming.from_json)
+    study.tick()
+    return timing
