@@ -120,7 +120,8 @@ def test_a_piece_passes_where_it_saves_a_tenth_of_a_step_at_100k_or_1m_within_ea
     assert sliced_1m["saving"] == pytest.approx(0.5) and sliced_1m["passes"]
     assert set(bench.verdicts(bench.pieces(results)).values()) == {True}
     table = bench.pieces_table(bench.pieces(results))
-    assert "| 1m | batchlab | batchlab-unpacked | 950.0000 | 1000.0000 | 5.0% | 5.0% | NO |" in table
+    assert packed_100k["savings_per_repeat"] == pytest.approx([0.1, 0.25])
+    assert "| 1m | batchlab | batchlab-unpacked | 950.0000 | 1000.0000 | 5.0% | 5% | 5.0% | NO |" in table
 
     # A piece that was not on in its own variant (data below the packing threshold) is off, whatever the times say.
     results["1m"].runs["batchlab"] = [_run(0.5, packed=False)]
@@ -128,3 +129,18 @@ def test_a_piece_passes_where_it_saves_a_tenth_of_a_step_at_100k_or_1m_within_ea
     assert not row["on"] and not row["passes"]
     results.pop("100k")
     assert bench.verdicts(bench.pieces(results))["packed copy gather (data above PACK_MIN_BYTES)"] is None
+
+
+def test_repeats_alternate_the_order_of_the_variants(monkeypatch):
+    bench = _bench()
+    order = []
+
+    def worker(case, variant, timeout, threads):
+        order.append(variant)
+        return {"step_s": 1.0}
+
+    monkeypatch.setattr(bench, "spawn_worker", worker)
+    results = bench.bench_cases(["seed"], ["floor", "batchlab", "batchlab-unpacked"], 3, 1.0)
+    forward = ["floor", "batchlab", "batchlab-unpacked"]
+    assert order == forward + forward[::-1] + forward
+    assert {v: len(runs) for v, runs in results["seed"].runs.items()} == dict.fromkeys(forward, 3)
