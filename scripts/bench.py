@@ -414,7 +414,8 @@ def _cpu_clock():
 @contextlib.contextmanager
 def without_piece(variant: str) -> Iterator[None]:
     """Inside ``with``: batchlab as a variant runs it, with one speed piece taken out (see ``PIECES``); other
-    variants leave it as it is. Patched, and restored at exit, so that a test may run a variant in its own process.
+    variants leave it as it is. Patched, and restored at exit, so that a test may run a variant inside the test's
+    own process.
     """
     from unittest import mock
 
