@@ -1,6 +1,6 @@
 """The speed benchmark: batchlab's fit beside the notebook's loop and the eager floor, side by side in one run.
 
-    python scripts/bench.py                               # every case (the GPU one only where CUDA is available)
+    python scripts/bench.py --threads 1 --repeats 3 --cases seed,100k,1m   # the run docs/performance.md reports
     python scripts/bench.py --cases seed --repeats 5      # one case, more repeats
     python scripts/bench.py --cases 1m --variants floor,batchlab --no-process
     python scripts/bench.py --json results.json           # where the JSON goes (default: bench.json, git-ignored)
@@ -8,7 +8,7 @@
 Cases (``--cases``):
 
 - ``seed``: the notebook's four points at batch size 2 (``--seed-epochs`` epochs, 500 by default, so that the steady
-  state holds ~1000 steps instead of the seed's 100);
+  state holds ~1000 steps instead of the seed's 100); a reference, no target rests on it;
 - ``100k``: 100,000 synthetic samples at batch size 1024; ``1m``: 1,000,000 at 65,536;
 - ``gpu16m``: 16M samples at 1M per batch on CUDA, with a CUDA-graph floor (skipped without CUDA).
 
@@ -22,6 +22,21 @@ logger, checkpoint, progress bar, model summary or profiler and none of batchlab
 ``RunSummary``), so no configuration of a Lightning fit can step faster. Batchlab variants on the GPU
 shuffle on the device (``--data.device_shuffle true``), as the floor does.
 
+Speed pieces: each piece of batchlab's data path that exists for speed is measured with and without it, as the
+same ``batchlab`` fit with the piece taken out by the worker process (``without_piece``; no user-facing option):
+
+- ``batchlab-unpacked``: the packed copy gather (``data._row_store``, above ``PACK_MIN_BYTES``) off, so shuffled
+  batches are gathered tensor by tensor;
+- ``batchlab-dataloader``: ``DataLoader(TensorDataset(x, y), batch_size, shuffle=True)`` (per-sample indexing and
+  collate) instead of ``TensorBatches``.
+
+The pieces table compares, within each repeat, the step with a piece to the step without it: the sliced batches
+as ``batchlab-unpacked`` against ``batchlab-dataloader`` (the packed gather off in both), the packed gather as
+``batchlab`` against ``batchlab-unpacked``. The saving is in % of the step without the piece; the issue's rule
+keeps a piece that saves at least ``KEEP_SAVING`` of a step at 100k or at 1m. A piece that is off in a case (the
+packed gather below ``PACK_MIN_BYTES``) shows as ``off``; its two variants then run the same code, and their
+difference is the run's noise.
+
 How it measures, and why:
 
 - Each measurement runs in its own subprocess (this script with ``--worker``), so that every variant has its own
@@ -32,21 +47,25 @@ How it measures, and why:
 - Peak memory: the resident-set high-water mark. ``/proc/self/clear_refs`` resets it just before the measured
   work, so ``train MB`` is what data creation plus training added to the process (batchlab creates its data in
   ``setup``, inside ``fit``; the floor creates it with the same function inside its window). ``process MB`` is the
-  whole process's peak, imports included (Lightning's imports alone are ~100 MB). On CUDA: peak allocated memory.
+  whole process's peak, imports included. On CUDA: peak allocated memory.
 - The machine may be shared: every repeat runs all variants back to back, ratios are taken within a repeat, and
   the table shows the median over repeats (times too). Compare ratios, not absolute times. Beside wall time, the
   steady window's process CPU time (all threads) is compared too: on a machine whose cores other work also
   wants, wall time mostly measures the neighbours, CPU time what each variant itself spent (use ``--threads 1``
   so that a variant's CPU time is not inflated by spinning OpenMP workers). On a GPU only wall time counts.
+  The load average is recorded at the start and at the end of the run; a start above ``BUSY_LOAD`` per core is
+  flagged as a busy machine.
 - Whole process: ``batchlab fit -c configs/seed.yaml`` and ``python -m batchlab.notebook`` as subprocesses,
   interpreter start and imports included, alternated ``--process-repeats`` times; medians and their ratio.
 
-Only ratios from one run mean anything: run it again rather than comparing with figures from another day.
+Only ratios from one run mean anything: run it again rather than comparing with figures from another day. The
+output is Markdown: docs/performance.md holds a run's tables and says how to redo it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -57,6 +76,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -75,6 +95,8 @@ class Case:
         epochs: Epochs of the floor and batchlab runs (the first is excluded from the steady state).
         notebook_epochs: Epochs of the notebook loop (it is slow at large sizes); 0 skips it.
         device: ``cpu`` or ``cuda``.
+        dataloader_epochs: Epochs of ``batchlab-dataloader``, whose per-sample loader is slow at large sizes
+            (its steady step is still timed from the first epoch's end); None: ``epochs``.
     """
 
     n: Optional[int]
@@ -82,6 +104,7 @@ class Case:
     epochs: int
     notebook_epochs: int
     device: str = "cpu"
+    dataloader_epochs: Optional[int] = None
 
     @property
     def rows(self) -> int:
@@ -91,16 +114,50 @@ class Case:
     def steps_per_epoch(self) -> int:
         return math.ceil(self.rows / self.batch_size)
 
+    def epochs_of(self, variant: str) -> int:
+        """Epochs a fit of this variant runs."""
+        if variant == "batchlab-dataloader" and self.dataloader_epochs is not None:
+            return self.dataloader_epochs
+        return self.epochs
+
 
 CASES = {
     "seed": Case(None, 2, 500, 500),
     "100k": Case(100_000, 1024, 8, 2),
-    "1m": Case(1_000_000, 65_536, 8, 1),
+    "1m": Case(1_000_000, 65_536, 8, 1, dataloader_epochs=3),
     # The per-sample notebook loop would take minutes per epoch at 16M samples; it is left out there.
     "gpu16m": Case(1 << 24, 1 << 20, 5, 0, device="cuda"),
 }
-CPU_VARIANTS = ["notebook", "floor", "lightning-loop", "batchlab"]
+CPU_VARIANTS = ["notebook", "floor", "lightning-loop", "batchlab", "batchlab-unpacked", "batchlab-dataloader"]
 GPU_VARIANTS = ["floor", "graph-floor", "batchlab", "batchlab-compiled"]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A speed piece of batchlab's, measured as two variants that differ by it alone.
+
+    Args:
+        name: What the piece is.
+        with_variant: The fit with the piece.
+        without_variant: The same fit without it.
+        on_key: The worker result's flag that says the piece was in use: a comparison where the ``with`` run does
+            not have it, or the ``without`` run does, shows the piece as off.
+    """
+
+    name: str
+    with_variant: str
+    without_variant: str
+    on_key: str
+
+
+PIECES = [
+    Piece("sliced tensor batches (TensorBatches, not DataLoader(TensorDataset))", "batchlab-unpacked",
+          "batchlab-dataloader", "tensor_batches"),
+    Piece("packed copy gather (data above PACK_MIN_BYTES)", "batchlab", "batchlab-unpacked", "packed"),
+]  # fmt: skip
+KEEP_SAVING = 0.10  # the issue's rule: a piece stays if it saves this share of a step at 100k or 1m
+RULE_CASES = ("100k", "1m")
+BUSY_LOAD = 0.25  # load average per core above which the run is flagged as on a busy machine
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -318,12 +375,12 @@ def batchlab_args(case: Case, variant: str, save_dir: str) -> list[str]:
     if case.n is not None:
         args += ["--data.n_samples", str(case.n)]
     if case.device == "cuda":
-        # The floor draws its permutation on the GPU; so must batchlab, or a CPU randperm of 16M rows (~1 s)
-        # would be most of every epoch.
+        # The floor draws its permutation on the GPU; so must batchlab, or a CPU randperm of 16M rows would be
+        # most of every epoch.
         args += ["--data.device_shuffle", "true"]
     args += [
         "--data.batch_size", str(case.batch_size),
-        "--trainer.max_epochs", str(case.epochs),
+        "--trainer.max_epochs", str(case.epochs_of(variant)),
         "--trainer.accelerator", "gpu" if case.device == "cuda" else "cpu",
         "--trainer.logger.init_args.save_dir", save_dir,
         "--seed_everything", "0",
@@ -354,14 +411,42 @@ def _cpu_clock():
     return CpuClock()
 
 
+@contextlib.contextmanager
+def without_piece(variant: str) -> Iterator[None]:
+    """Inside ``with``: batchlab as a variant runs it, with one speed piece taken out (see ``PIECES``); other
+    variants leave it as it is. Patched, and restored at exit, so that a test may run a variant inside the test's
+    own process.
+    """
+    from unittest import mock
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from batchlab import data
+
+    def dataloader(tensors: Any, batch_size: int, shuffle: bool = False, drop_last: bool = False, *_: Any) -> Any:
+        # What TensorBatches replaces: a sample at a time through TensorDataset.__getitem__, then default_collate.
+        return DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last)
+
+    if variant == "batchlab-unpacked":
+        patch = mock.patch.object(data, "PACK_MIN_BYTES", math.inf)
+    elif variant == "batchlab-dataloader":
+        patch = mock.patch.object(data, "TensorBatches", dataloader)
+    else:
+        patch = contextlib.nullcontext()
+    with patch:
+        yield
+
+
 def work_batchlab(case: Case, variant: str) -> dict[str, Any]:
     """``batchlab fit`` in-process as the command builds it (``make_cli``), timing the ``fit`` call."""
     from batchlab.cli import make_cli
+    from batchlab.data import TensorBatches
     from batchlab.quiet import drop_noise
     from batchlab.summary import RunSummary
 
     drop_noise()
-    with tempfile.TemporaryDirectory() as save_dir:
+    epochs = case.epochs_of(variant)
+    with tempfile.TemporaryDirectory() as save_dir, without_piece(variant):
         # run=False: LightningCLI parses and builds everything (seeding included) but leaves ``fit`` to us.
         cli = make_cli(batchlab_args(case, variant, save_dir), run=False)
         clock = _cpu_clock()
@@ -372,15 +457,19 @@ def work_batchlab(case: Case, variant: str) -> dict[str, Any]:
             _sync(case.device)
             fit_s = time.perf_counter() - t0
         (summary,) = [c.summary for c in cli.trainer.callbacks if isinstance(c, RunSummary)]
+        loader = cli.trainer.train_dataloader
     step_s = summary.step_s
-    steady_steps = case.steps_per_epoch * (case.epochs - 1)
+    steady_steps = case.steps_per_epoch * (epochs - 1)
     return {
         "step_s": step_s,
         "cpu_step_s": clock.cpu_s / steady_steps if clock.cpu_s is not None and steady_steps else None,
         "samples_per_s": case.rows / (step_s * case.steps_per_epoch),
         "fit_s": fit_s,
-        "fit_samples_per_s": case.rows * case.epochs / fit_s,
+        "fit_samples_per_s": case.rows * epochs / fit_s,
         "steps": summary.steps,
+        # Which pieces the fit ran with, from the loader it trained on: what the pieces table checks.
+        "tensor_batches": isinstance(loader, TensorBatches),
+        "packed": isinstance(loader, TensorBatches) and loader._rows is not None,
         **mem.result,
     }
 
@@ -490,14 +579,14 @@ class CaseResult:
     def median(self, variant: str, key: str) -> Optional[float]:
         return _median([r.get(key) for r in self.runs.get(variant, [])])
 
+    def ratios(self, variant: str, key: str, base: str = "floor", invert: bool = False) -> list[float]:
+        """``variant[key] / base[key]`` (or its inverse) in each repeat that measured both."""
+        pairs = zip(self.runs.get(variant, []), self.runs.get(base, []))
+        return [b[key] / a[key] if invert else a[key] / b[key] for a, b in pairs if a.get(key) and b.get(key)]
+
     def ratio(self, variant: str, key: str, base: str = "floor", invert: bool = False) -> Optional[float]:
         """Median over repeats of ``variant[key] / base[key]`` taken within each repeat."""
-        pairs = zip(self.runs.get(variant, []), self.runs.get(base, []))
-        ratios = []
-        for a, b in pairs:
-            if a.get(key) and b.get(key):
-                ratios.append(b[key] / a[key] if invert else a[key] / b[key])
-        return _median(ratios)
+        return _median(self.ratios(variant, key, base, invert))
 
 
 def bench_cases(
@@ -518,12 +607,14 @@ def bench_cases(
             wanted = [v for v in wanted if v not in ("graph-floor", "batchlab-compiled")]
         result = results[name] = CaseResult()
         for rep in range(repeats):
-            for variant in wanted:
+            # Every other repeat in reverse, so that a load that grows or falls over a repeat does not always favour
+            # the variant that runs first in a pair compared within the repeat.
+            for variant in wanted if rep % 2 == 0 else wanted[::-1]:
                 t0 = time.perf_counter()
                 run = spawn_worker(case, variant, timeout, threads)
                 result.runs.setdefault(variant, []).append(run)
                 shown = run.get("error") or f"{run['step_s'] * 1e3:.4f} ms/step"
-                print(f"[{name} {rep + 1}/{repeats}] {variant:<17} {shown}  ({time.perf_counter() - t0:.1f} s)", flush=True)
+                print(f"[{name} {rep + 1}/{repeats}] {variant:<19} {shown}  ({time.perf_counter() - t0:.1f} s)", flush=True)
     return results
 
 
@@ -606,24 +697,13 @@ def targets(results: dict[str, CaseResult], process: Optional[dict[str, Any]]) -
         met = None if value is None else (value <= limit if at_most else value >= limit)
         out.append({"target": name, "value": value, "limit": limit, "at_most": at_most, "met": met})
 
-    if "seed" in results:
-        # lightning-loop is no target but its bound: no Lightning fit with logging can step faster than it.
-        for v, label in (("lightning-loop", "lightning-loop (reference, not batchlab)"),
-                         ("batchlab", "batchlab")):
-            add(f"seed bs 2: {label} steady step / floor step", results["seed"].ratio(v, "step_s"), 2.0, True)
-            add(f"seed bs 2: {label} steady step / floor step, CPU time", results["seed"].ratio(v, "cpu_step_s"), 2.0,
-                True)
     if "1m" in results:
-        for v in ("batchlab",):
-            add(f"1m bs 65536: {v} throughput / floor", results["1m"].ratio(v, "samples_per_s"), 0.9, False)
-            add(
-                f"1m bs 65536: {v} throughput / floor, CPU time",
-                results["1m"].ratio(v, "cpu_step_s", invert=True),
-                0.9,
-                False,
-            )
-            add(f"1m bs 65536: {v} train peak MB / floor", results["1m"].ratio(v, "train_peak_mb"), 1.5, True)
-            add(f"1m bs 65536: {v} process peak MB / floor", results["1m"].ratio(v, "process_peak_mb"), 1.5, True)
+        res = results["1m"]
+        add("1m bs 65536: batchlab throughput / floor", res.ratio("batchlab", "samples_per_s"), 0.9, False)
+        add("1m bs 65536: batchlab throughput / floor, CPU time", res.ratio("batchlab", "cpu_step_s", invert=True),
+            0.9, False)  # fmt: skip
+        add("1m bs 65536: batchlab train peak MB / floor", res.ratio("batchlab", "train_peak_mb"), 1.5, True)
+        add("1m bs 65536: batchlab process peak MB / floor", res.ratio("batchlab", "process_peak_mb"), 1.5, True)
     if "gpu16m" in results:
         for v in ("batchlab", "batchlab-compiled"):
             add(
@@ -637,6 +717,88 @@ def targets(results: dict[str, CaseResult], process: Optional[dict[str, Any]]) -
     return out
 
 
+def pieces(results: dict[str, CaseResult]) -> list[dict[str, Any]]:
+    """Each speed piece in each case: the steady step with and without it, and the share of the step it saves."""
+    out = []
+    for piece in PIECES:
+        for name, res in results.items():
+            with_runs, without_runs = res.runs.get(piece.with_variant, []), res.runs.get(piece.without_variant, [])
+            if not with_runs or not without_runs:
+                continue
+            on = all(r.get(piece.on_key) for r in with_runs) and not any(r.get(piece.on_key) for r in without_runs)
+            per_repeat = [1 - r for r in res.ratios(piece.with_variant, "step_s", base=piece.without_variant)]
+            cpu_ratio = res.ratio(piece.with_variant, "cpu_step_s", base=piece.without_variant)
+            saving = _median(per_repeat)
+            out.append({
+                "piece": piece.name,
+                "case": name,
+                "with": piece.with_variant,
+                "without": piece.without_variant,
+                "with_step_s": res.median(piece.with_variant, "step_s"),
+                "without_step_s": res.median(piece.without_variant, "step_s"),
+                "saving": saving,
+                "savings_per_repeat": per_repeat,
+                "cpu_saving": None if cpu_ratio is None else 1 - cpu_ratio,
+                "on": on,
+                "rule_case": name in RULE_CASES,
+                "passes": on and name in RULE_CASES and saving is not None and saving >= KEEP_SAVING,
+            })  # fmt: skip
+    return out
+
+
+def verdicts(rows: list[dict[str, Any]]) -> dict[str, Optional[bool]]:
+    """Per piece: True where it passes the rule in a rule case, False where it was measured in one and does not,
+    None where no rule case measured it."""
+    out: dict[str, Optional[bool]] = {}
+    for row in rows:
+        if row["rule_case"] and row["on"]:
+            out[row["piece"]] = out.get(row["piece"]) or row["passes"]
+        else:
+            out.setdefault(row["piece"], None)
+    return out
+
+
+def pieces_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| piece | case | with | without | ms/step with | ms/step without | saving (wall) | per repeat | "
+        f"saving (CPU time) | >= {KEEP_SAVING:.0%} |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        if not r["on"]:
+            passes = "off here (both run the same code: noise)"
+        elif not r["rule_case"]:
+            passes = "reference (no rule)"
+        else:
+            passes = "yes" if r["passes"] else "NO"
+        lines.append(
+            f"| {r['piece']} | {r['case']} | {r['with']} | {r['without']} | "
+            f"{_fmt(r['with_step_s'] and r['with_step_s'] * 1e3, '.4f')} | "
+            f"{_fmt(r['without_step_s'] and r['without_step_s'] * 1e3, '.4f')} | "
+            f"{_fmt(r['saving'] and r['saving'] * 100, '.1f', '%')} | "
+            f"{', '.join(f'{v:.0%}' for v in r['savings_per_repeat']) or '-'} | "
+            f"{_fmt(r['cpu_saving'] and r['cpu_saving'] * 100, '.1f', '%')} | {passes} |"
+        )
+    return "\n".join(lines)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _load() -> Optional[list[float]]:
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
 def machine() -> dict[str, Any]:
     import lightning
     import torch
@@ -644,17 +806,15 @@ def machine() -> dict[str, Any]:
     info = {
         "platform": platform.platform(),
         "python": platform.python_version(),
+        "cpu": _cpu_model(),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "lightning": lightning.__version__,
         "torch_threads": torch.get_num_threads(),
+        "load_avg_at_start": _load(),
     }
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
-    try:
-        info["load_avg_at_start"] = os.getloadavg()
-    except OSError:
-        pass
     return info
 
 
@@ -698,9 +858,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = bench_cases(names, variants, args.repeats, args.timeout, args.threads)
     process = None if args.no_process else bench_process(args.process_repeats, args.timeout)
     goals = targets(results, process)
+    piece_rows = pieces(results)
+    info["load_avg_at_end"] = _load()
 
-    print(f"\nmachine: {info['platform']}, {info['cpus']} CPUs, torch {info['torch']}, lightning {info['lightning']}"
-          + (f", {info['cuda_device']}" if "cuda_device" in info else ""))
+    load = " -> ".join(
+        f"{info[k][0]:.2f}" if info[k] else "?" for k in ("load_avg_at_start", "load_avg_at_end")
+    )
+    print(f"\nmachine: {info['cpu']}, {info['cpus']} CPUs, {info['platform']}, torch {info['torch']}, "
+          f"lightning {info['lightning']}" + (f", {info['cuda_device']}" if "cuda_device" in info else "")
+          + f"; load average (1 min) {load}")  # fmt: skip
+    start = info["load_avg_at_start"]
+    if start and start[0] > BUSY_LOAD * (info["cpus"] or 1):
+        print(f"busy machine: load {start[0]:.2f} on {info['cpus']} CPUs at the start; the times are provisional, "
+              "only ratios within this run compare")  # fmt: skip
     print(
         f"medians of {args.repeats} interleaved repeats; x floor = ratio to the floor within a repeat, median; "
         f"torch threads: {args.threads or info['torch_threads']}"
@@ -717,12 +887,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         ]:
             ratio = process[name]["wall_s"] / process["notebook"]["wall_s"]
             print(f"| {label} | {process[name]['wall_s']:.2f} | {process[name]['peak_mb']:.0f} | {ratio:.2f}x |")
-    print("\n| target | measured | limit | met |")
-    print("|---|---:|---:|---|")
+    if goals:
+        print("\n| check | measured | limit | met |")
+        print("|---|---:|---:|---|")
     for g in goals:
         sign = "<=" if g["at_most"] else ">="
         met = {True: "yes", False: "NO", None: "-"}[g["met"]]
         print(f"| {g['target']} | {_fmt(g['value'], '.2f', 'x')} | {sign} {g['limit']}x | {met} |")
+    if piece_rows:
+        print(f"\nspeed pieces (saving: share of the step without the piece, median of the repeats' ratios; the rule: "
+              f">= {KEEP_SAVING:.0%} at {' or '.join(RULE_CASES)})\n")  # fmt: skip
+        print(pieces_table(piece_rows))
+        print()
+        for name, kept in verdicts(piece_rows).items():
+            verdict = {True: "passes the rule", False: "FAILS the rule", None: "not measured in a rule case"}[kept]
+            print(f"- {name}: {verdict}")
 
     out = {
         "machine": info,
@@ -731,6 +910,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "cases": {name: {"case": asdict(CASES[name]), "runs": res.runs} for name, res in results.items()},
         "process": process,
         "targets": goals,
+        "pieces": piece_rows,
+        "verdicts": verdicts(piece_rows),
     }
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nwrote {args.json} ({out['elapsed_s']:.0f} s)")

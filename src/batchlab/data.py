@@ -43,8 +43,8 @@ class BatchOrder:
 
     With ``device`` set (a GPU), the permutation is drawn there, from a generator on that device seeded the same
     way: the global RNG stream is consumed as before, but the order is no longer the one a DataLoader (which
-    shuffles on the CPU) would give. A CPU permutation of 16M rows takes about a second, far longer than a GPU
-    epoch over them. On the CPU ``device`` changes nothing.
+    shuffles on the CPU) would give. A CPU permutation of millions of rows can take longer than a GPU epoch over
+    them (docs/performance.md). On the CPU ``device`` changes nothing.
     """
 
     def __init__(
@@ -148,7 +148,8 @@ class TensorBatches:
         if order is not None and order.device != device:
             order = order.to(device, non_blocking=True)
         tensors, b = self.tensors, self.batch_size
-        # Written out for speed: at the seed's sizes this loop runs once per step, beside a step of ~0.3 ms.
+        # Written out for speed: at the seed's sizes this loop runs once per step, beside a step of a fraction of a
+        # millisecond (docs/performance.md).
         if order is None:
             for start in range(0, len(self) * b, b):
                 yield tuple(t[start : start + b] for t in tensors)
@@ -169,9 +170,9 @@ class TensorBatches:
 
 
 # Above this many bytes of data, gathering a shuffled batch row by row from each tensor misses the CPU caches once
-# per tensor and row: 1M rows of (x, y) at batch 65,536 took 2.6-3.6 ms per batch on the 2-core VM, the same rows
-# from one packed copy 1.4-2.0 ms. Below it the packed path's extra copies cost more than they save (100k rows at
-# batch 1024: 28 us -> 43 us).
+# per tensor and row, and gathering whole rows from one packed copy is faster; below it, where the data fits in the
+# caches, the packed path's extra copies cost more than they save. scripts/bench.py measures it with and without
+# (batchlab-unpacked); docs/performance.md has the figures.
 PACK_MIN_BYTES = 8 << 20
 
 
@@ -215,7 +216,7 @@ class ToyRegressionData(LightningDataModule):
             notebook's [[10, 11]] (with more features, [[10, 11, 12, ...]]).
         on_device: Keep the whole data set on the training device, moved there once; False moves each batch.
         device_shuffle: Draw each epoch's training order on the training device. On a GPU with millions of rows
-            this removes a CPU permutation per epoch (about a second at 16M rows) that would otherwise dominate;
+            this removes a CPU permutation per epoch that would otherwise dominate (docs/performance.md);
             the order is then no longer the one ``DataLoader(shuffle=True)`` draws under the same seed, so runs
             stop matching the notebook's loop step for step. On the CPU it changes nothing.
     """
