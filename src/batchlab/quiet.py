@@ -67,17 +67,39 @@ def _not_a_search_leftover(record: logging.LogRecord) -> bool:
     return _verbose or ".scale_batch_size_" not in str(record.msg)
 
 
+# Warnings that never say anything about the run: about Lightning's own internals, an empty validation set (no
+# validation split is the notebook's setting), and the CLI being handed the command line main() has read (and
+# amended: --quick, default classes) itself.
+_NOISE = ("Total length of .* across ranks is zero", r".*isinstance\(treespec, LeafSpec\)",
+          "Couldn't infer the batch indices", "LightningCLI's args parameter is intended")
+
+
 def drop_noise() -> None:
-    """Drop, for the rest of the process, Lightning's output that says nothing about the run."""
+    """Drop, for the rest of the process, Lightning's output that says nothing about the run (the command's
+    choice; the Python API uses ``noise_dropped``, which leaves the caller's warning filters as they were)."""
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     for keep in (_not_a_tip, _not_a_search_leftover):
         if keep not in rank_zero.filters:  # once, however many commands a process runs
             rank_zero.addFilter(keep)
-    warnings.filterwarnings("ignore", message="Total length of .* across ranks is zero")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
-    # main() hands LightningCLI the command line it has read (and amended: --quick, default classes) itself.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    for message in _NOISE:
+        warnings.filterwarnings("ignore", message=message)
+
+
+@contextmanager
+def noise_dropped() -> Iterator[None]:
+    """``drop_noise()`` inside the block only."""
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    added = [keep for keep in (_not_a_tip, _not_a_search_leftover) if keep not in rank_zero.filters]
+    with warnings.catch_warnings():
+        for keep in added:
+            rank_zero.addFilter(keep)
+        for message in _NOISE:
+            warnings.filterwarnings("ignore", message=message)
+        try:
+            yield
+        finally:
+            for keep in added:
+                rank_zero.removeFilter(keep)
 
 
 class StartupLines(logging.Handler):

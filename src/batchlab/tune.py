@@ -36,7 +36,7 @@ from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_set
 
 from batchlab._lightning import rebuild_dataloaders, stop_after_search
 from batchlab.errors import ConfigError, Fraction, NonNegativeInt, PositiveInt, check, check_arguments
-from batchlab.quiet import quiet_lightning
+from batchlab.quiet import noise_dropped, quiet_lightning
 from batchlab.runs import device_name, log_hparams, run_hparams
 from batchlab.trials import Trial, TrialObserver, dataset_size
 from batchlab.tune_result import POWER_CAP, TuneResult, format_tune, search_metrics, stop_reason, write_tune
@@ -202,8 +202,9 @@ def run_tune(trainer: Trainer, model: LightningModule, datamodule: Any, finder: 
 
 
 # A search from Python leaves nothing behind and runs on one device, unless told otherwise.
-SEARCH_TRAINER = {"devices": 1, "logger": False, "enable_checkpointing": False, "enable_model_summary": False,
-                  "enable_progress_bar": False}
+# The search ends the fit (stop_after_search): max_epochs only keeps Lightning from warning that it is unset.
+SEARCH_TRAINER = {"devices": 1, "max_epochs": 1, "logger": False, "enable_checkpointing": False,
+                  "enable_model_summary": False, "enable_progress_bar": False}
 
 
 def find_batch_size(model: LightningModule, datamodule: Any = None, **options: Any) -> TuneResult:
@@ -220,8 +221,9 @@ def find_batch_size(model: LightningModule, datamodule: Any = None, **options: A
         raise ConfigError(f"{unknown}={options[unknown]!r} is not allowed: use an argument of "
                           "batchlab.tune.BatchSizeSearch or of lightning.pytorch.Trainer")
     finder = BatchSizeSearch(**{k: v for k, v in options.items() if k in finder_names})
-    trainer = Trainer(**{**SEARCH_TRAINER, **{k: v for k, v in options.items() if k in trainer_names}})
-    return run_tune(trainer, model, datamodule, finder)
+    with noise_dropped():
+        trainer = Trainer(**{**SEARCH_TRAINER, **{k: v for k, v in options.items() if k in trainer_names}})
+        return run_tune(trainer, model, datamodule, finder)
 
 
 def _rng_state() -> dict[str, Any]:

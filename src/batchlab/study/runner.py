@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from batchlab._lightning import runs_fits_in_this_process
 from batchlab.errors import check
-from batchlab.quiet import STARTUP_LINES
+from batchlab.quiet import STARTUP_LINES, noise_dropped
 from batchlab.runs import device_name, global_seed
 from batchlab.study.fitting import STUDY_OWNED, Fitter, check_batch_size_holder, get_value
 from batchlab.study.folder import StudyFolder
@@ -162,7 +162,8 @@ def run_study(model: LightningModule, datamodule: Optional[LightningDataModule] 
     """
     settings, trainer_kwargs = split_options(options)
     seed = seed if seed is not None else global_seed() or 0
-    return Study(model, datamodule, trainer_kwargs, StudySettings(**settings), seed).run()
+    with noise_dropped():
+        return Study(model, datamodule, trainer_kwargs, StudySettings(**settings), seed).run()
 
 
 def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
