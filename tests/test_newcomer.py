@@ -120,11 +120,15 @@ def wheel(tmp_path_factory):
     return built
 
 
-def test_the_wheel_holds_the_configs(wheel):
+def test_the_wheel_holds_every_module_and_the_configs(wheel):
     with zipfile.ZipFile(wheel) as archive:
-        shipped = {n: archive.read(n) for n in archive.namelist() if n.startswith("batchlab/configs/")}
+        names = archive.namelist()
+        shipped = {n: archive.read(n) for n in names if n.startswith("batchlab/configs/")}
     assert {n: data for n, data in shipped.items() if n.endswith(".yaml")} == {
         f"batchlab/configs/{p.name}": p.read_bytes() for p in CONFIGS.glob("*.yaml")}
+    # Every module of the source tree, subpackages included (a package left out of pyproject is not packaged).
+    modules = {str(p.relative_to(ROOT / "src")) for p in (ROOT / "src" / "batchlab").rglob("*.py")}
+    assert modules <= {n for n in names if n.endswith(".py")}, sorted(modules - set(names))
 
 
 @pytest.mark.slow
@@ -132,7 +136,9 @@ def test_an_installed_batchlab_runs_its_configs_without_a_checkout(wheel, tmp_pa
     site = tmp_path / "site"
     subprocess.run([*PIP, "install", "-q", "--no-deps", "--target", str(site), str(wheel)], check=True,
                    capture_output=True, timeout=300)
-    probe = "import batchlab; from batchlab.cli import main; print(batchlab.__file__); main(['fit', '--print_config'])"
+    probe = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__]; "
+             "import batchlab; from batchlab.cli import main; import batchlab.study; print(batchlab.__file__); "
+             "main(['fit', '--print_config'])")
     (tmp_path / "work").mkdir()  # no configs/ folder there
     proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path / "work", capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(site)}, timeout=300)
