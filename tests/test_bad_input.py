@@ -89,6 +89,8 @@ EVERY_COMMAND = [
 ]
 
 ONE_COMMAND = [
+    # A switch given a value that is not a boolean: the parser's one line, not "unrecognized arguments".
+    ("fit", ["--verbose", "maybe"], "verbose='maybe' is not allowed: use true or false"),
     ("fit", ["--ckpt_path", "missing.ckpt"], "ckpt_path='missing.ckpt' is not allowed: there is no such file"),
     ("fit", ["--ckpt_path", "broken.ckpt"], "ckpt_path='broken.ckpt' is not allowed: it is not a checkpoint"),
     ("validate", ["--ckpt_path", "missing.ckpt"], "ckpt_path='missing.ckpt' is not allowed: there is no such file"),

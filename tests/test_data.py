@@ -206,3 +206,14 @@ def test_bad_values_are_refused_with_the_value_and_what_is_allowed(kwargs, messa
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")) as info:
         ToyRegressionData(**kwargs)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"shuffle": "false"}, "shuffle='false' is not allowed: use true or false"),  # a truthy string is no bool
+     ({"data_seed": 1.5}, "data_seed=1.5 is not allowed: use an integer"),
+     ({"data_seed": True}, "data_seed=True is not allowed: use an integer")],
+)
+def test_plain_types_are_checked_from_python_as_the_command_line_checks_them(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        ToyRegressionData(**kwargs)

@@ -41,8 +41,9 @@ def expand_switches(args: list[str]) -> list[str]:
     out = []
     for i, arg in enumerate(args):
         out.append(arg)
-        following = args[i + 1].lower() if i + 1 < len(args) else None
-        if arg in SWITCHES and following not in ("true", "false", "yes", "no", "1", "0"):
+        # Only where no value follows: ``--quick maybe`` must reach the parser, which refuses it in one line.
+        following = args[i + 1] if i + 1 < len(args) else None
+        if arg in SWITCHES and (following is None or following.startswith("-")):
             out.append("true")
     return out
 

@@ -93,6 +93,12 @@ def _problem(kind: Any, value: Any) -> Union[str, None]:
             return "a list"
         inner = [_problem(args[0], v) for v in value]
         return next((f"a list of {_plural(p)}" for p in inner if p), None)
+    if kind is bool:  # a string "false" is truthy: only a bool is one
+        return None if isinstance(value, bool) else ALLOWED["bool"]
+    if kind in (int, float, str):
+        numeric = {int: (int,), float: (int, float), str: ()}[kind]
+        ok = isinstance(value, str) if kind is str else isinstance(value, numeric) and not isinstance(value, bool)
+        return None if ok else ALLOWED[kind.__name__]
     name = getattr(kind, "__name__", "")
     if name in ALLOWED and isinstance(kind, type) and issubclass(kind, (int, float)) and kind not in (int, float, bool):
         integral = issubclass(kind, int)
