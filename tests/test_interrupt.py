@@ -1,7 +1,7 @@
 """A fit stopped by a real SIGINT (Ctrl+C) or SIGTERM, sent to ``batchlab fit`` running as a subprocess: it stops
 without a traceback, says in one line where its checkpoint is, exits with the shell's status for the signal,
 writes a summary marked interrupted, and ``--ckpt_path`` resumes from the saved step to the end. Under DDP, Ctrl+C
-(every rank) or a SIGTERM to the first process alone stops every rank after the same step (``batchlab.stopping``),
+(every rank) or a SIGTERM to the first process alone stops every rank after the same step (``batchlab.signals``),
 and the run resumes from that step."""
 
 import contextlib
@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,6 +159,23 @@ def test_the_checkpoint_named_is_the_one_saved_last_even_where_file_times_tie(tm
     assert result.checkpoint_step == result.steps == 42
     assert result.checkpoint == str(tmp_path / "ckpt" / "epoch=10-step=42.ckpt")
     assert torch.load(result.checkpoint, weights_only=False)["global_step"] == 42
+
+
+def test_the_checkpoint_named_is_the_latest_step_not_the_best_of_a_monitored_top_k(tmp_path):
+    """A configured, monitored ModelCheckpoint that does not save on the interruption keeps its best checkpoints,
+    and its best_model_path is no resume point: the checkpoint named, and its step, are the latest saved."""
+    summary = RunSummary(verbose=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="train/loss", mode="max", save_top_k=3)
+    trainer = Trainer(max_epochs=20, logger=False, callbacks=[summary, checkpoint, _InterruptAt(42)],
+                      default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
+                      accelerator="cpu")
+    with pytest.raises(SystemExit):
+        trainer.fit(MLPRegressor(), ToyRegressionData(n_samples=16, batch_size=4))
+    steps = {p: torch.load(p, weights_only=False)["global_step"] for p in (tmp_path / "ckpt").glob("*.ckpt")}
+    latest = max(steps, key=steps.get)
+    assert Path(checkpoint.best_model_path) != latest, "the case where the best is not the latest"
+    result = summary.finish_interrupted(trainer)
+    assert result.checkpoint == str(latest) and result.checkpoint_step == steps[latest]
 
 
 def test_only_batchlabs_own_checkpoint_saves_on_interruption_and_only_on_one_device(tmp_path, monkeypatch):

@@ -64,7 +64,7 @@ class BatchlabTrainer(Trainer):
         checkpoint callback saved) and ends with ``SystemExit``: ``sys.exit(1)`` after Ctrl+C, ``SIGTERMException``
         (exit status 0) after SIGTERM. This writes the run's summary and turns both into ``RunInterrupted``.
 
-        Under DDP, ``StopTogether`` takes the signals from here on (``batchlab.stopping``): by default one that
+        Under DDP, ``StopTogether`` takes the signals from here on (``batchlab.signals``): by default one that
         came while Lightning starts the other processes would kill this one and leave them waiting for ever."""
         # Lightning's start-up lines, held by ``main``: the input has passed every check made before a fit (the tune
         # command's options included). Not a callback's ``setup``: a callback costs every step a call per hook.

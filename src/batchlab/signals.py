@@ -51,7 +51,7 @@ class RunInterrupted(Exception):
         summary: The fit's summary as written to summary.json, if this rank wrote it.
     """
 
-    def __init__(self, signame: str, message: Optional[str], summary: Optional[dict[str, Any]] = None) -> None:
+    def __init__(self, signame: str, message: Optional[str], summary: Optional[Any] = None) -> None:
         super().__init__(message or f"interrupted by {signame}")
         self.signame = signame
         self.message = message

@@ -85,8 +85,6 @@ class RunSummary(Callback):
         self.samples_seen = 0
         self.summary: Optional[FitSummary] = None
         self._fit_start: Optional[float] = None
-        self._saved_step: Optional[int] = None  # the global step of the latest checkpoint saved
-        self._checkpoints_before: Optional[set[Path]] = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._fit_start = None  # set once the fit starts: an exception before then has nothing to summarise
@@ -145,7 +143,6 @@ class RunSummary(Callback):
             return
         self.summary = self._summarise(trainer, pl_module)
         self.summary.stopped_by = signal_of(exception) or type(exception).__name__
-        self._checkpoints_before = set(_checkpoints(trainer.checkpoint_callback))
         log_hparams(trainer, self._hparams(trainer, pl_module), metrics=self._hp_metrics())
 
     @rank_zero_only
@@ -153,25 +150,23 @@ class RunSummary(Callback):
         """Write the summary of a fit that stopped early, naming the checkpoint to resume from and its step;
         return it.
 
-        Call after the fit has ended (``BatchlabTrainer.fit`` does): the checkpoint is saved by then. It is the one
-        the checkpoint callback saved on the interruption, which appeared since ``on_exception``, or, where none
-        could be (under DDP), the last one it saved before.
+        Call after the fit has ended (``BatchlabTrainer.fit`` does): the checkpoint is saved by then. It is the
+        checkpoint of the latest step in the checkpoint folder, which holds only this run's (``batchlab.preflight``):
+        the one saved on the interruption, or, where none could be (under DDP), the last one saved before. The step
+        is read from the file itself: with a monitored ``save_top_k``, the best checkpoint is not the latest, and
+        file times can tie (coarse file-system clocks).
         """
         s = self.summary
         if s is None or not s.interrupted:
             return None
-        callback = trainer.checkpoint_callback
-        new = sorted(set(_checkpoints(callback)) - (self._checkpoints_before or set()))
-        previous = getattr(callback, "best_model_path", None) or getattr(callback, "last_model_path", None)
-        checkpoint = new[-1] if new else Path(previous) if previous and Path(previous).is_file() else None
-        s.checkpoint = str(checkpoint) if checkpoint else None
-        s.checkpoint_step = self._saved_step if checkpoint else None
+        steps = {path: _saved_step(path) for path in _checkpoints(trainer.checkpoint_callback)}
+        latest = max((p for p in steps if steps[p] is not None), key=lambda p: (steps[p], p.stat().st_mtime_ns),
+                     default=None)
+        s.checkpoint = str(latest) if latest else None
+        s.checkpoint_step = steps[latest] if latest else None
         if s.log_dir is not None:
             s.summary_path = str(write_json(Path(s.log_dir) / self.filename, s))
         return s
-
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        self._saved_step = checkpoint.get("global_step")
 
     def state_dict(self) -> dict[str, Any]:
         return {"samples_seen": self.samples_seen}
@@ -310,6 +305,15 @@ class PredictionPrinter(BasePredictionWriter):
 
     def lines(self) -> list[str]:
         return [f"{_fmt_row(x)} -> {_fmt_row(y)}" if x is not None else str(y) for x, y in self.rows]
+
+
+def _saved_step(path: Path) -> Optional[int]:
+    """The global step a checkpoint was saved at; None for a file that is not a readable checkpoint. Memory-mapped:
+    the tensors are not read."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:  # noqa: BLE001 - any file that cannot tell its step is not one to resume from
+        return None
 
 
 def _checkpoints(callback: Any) -> list[Path]:
