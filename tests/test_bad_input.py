@@ -11,7 +11,7 @@ import zipfile
 
 import pytest
 import torch
-from conftest import QUIET, SEED, run_command, run_dirs, snapshot
+from conftest import CONFIGS, QUIET, SEED, run_command, run_dirs, snapshot
 
 FIT_ONCE = ["--trainer.max_epochs", "2"]
 CKPT = "runs/seed/version_0/checkpoints/epoch=1-step=4.ckpt"  # what FIT_ONCE leaves on the seed data
@@ -91,6 +91,14 @@ EVERY_COMMAND = [
 ONE_COMMAND = [
     # A switch given a value that is not a boolean: the parser's one line, not "unrecognized arguments".
     ("fit", ["--verbose", "maybe"], "verbose='maybe' is not allowed: use true or false"),
+    # The checkpoints' folder for one of its files: refused before anything is written, naming what it holds.
+    ("fit", ["--ckpt_path", "runs/seed/version_0/checkpoints"],
+     "it is a folder, not a checkpoint (it holds epoch=1-step=4.ckpt)"),
+    ("predict", ["--ckpt_path", "runs/seed/version_0/checkpoints"], "it is a folder, not a checkpoint"),
+    # A batch-size attribute that nothing holds: refused before the search's fit writes a run folder.
+    ("tune", ["--batch_arg_name", "nope"], "batch_arg_name='nope' is not allowed: neither MLPRegressor nor"),
+    ("fit", ["-c", str(CONFIGS / "find_batch_size.yaml"), "--trainer.callbacks.init_args.batch_arg_name", "nope"],
+     "batch_arg_name='nope' is not allowed"),
     ("fit", ["--ckpt_path", "missing.ckpt"], "ckpt_path='missing.ckpt' is not allowed: there is no such file"),
     ("fit", ["--ckpt_path", "broken.ckpt"], "ckpt_path='broken.ckpt' is not allowed: it is not a checkpoint"),
     ("validate", ["--ckpt_path", "missing.ckpt"], "ckpt_path='missing.ckpt' is not allowed: there is no such file"),

@@ -194,11 +194,10 @@ class BatchlabCLI(LightningCLI):
         return self.config_init[self.subcommand] if self.subcommand else self.config_init
 
     def before_fit(self) -> None:
-        if any(isinstance(c, BatchSizeSearch) for c in self.trainer.callbacks):
+        # Before Lightning launches the other processes, and before the fit writes its run folder.
+        for finder in (c for c in self.trainer.callbacks if isinstance(c, BatchSizeSearch)):
             check_not_distributed(self.trainer)
-
-    def before_tune(self) -> None:
-        check_not_distributed(self.trainer)
+            finder.check_holder(self.model, self.datamodule)
 
     def before_study(self) -> None:
         # What the study measures, for its fingerprint: the configuration less what only says where to write.

@@ -128,7 +128,13 @@ def check_checkpoint(ckpt_path: Any, subcommand: Optional[str] = None) -> None:
     name = f"ckpt_path={path!r} is not allowed"
     check(Path(path).exists(), f"{name}: there is no such file; {GIVE_A_CHECKPOINT}")
     if Path(path).is_dir():
-        return  # a sharded checkpoint, which Lightning reads itself
+        # A sharded checkpoint (torch.distributed.checkpoint's .metadata, or Lightning's DeepSpeed and FSDP layouts)
+        # is a folder that Lightning reads itself; any other folder is a slip for a file inside it.
+        if any((Path(path) / marker).exists() for marker in (".metadata", "meta.pt", "latest", "checkpoint")):
+            return
+        inside = sorted(p.name for p in Path(path).glob("*.ckpt"))
+        hint = f" (it holds {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
+        raise ConfigError(f"{name}: it is a folder, not a checkpoint{hint}; {GIVE_A_CHECKPOINT}")
     # torch.save writes a zip archive holding a data.pkl.
     check(zipfile.is_zipfile(path), f"{name}: it is not a checkpoint (not a file torch.save wrote); "
                                     f"{GIVE_A_CHECKPOINT}")
@@ -137,7 +143,7 @@ def check_checkpoint(ckpt_path: Any, subcommand: Optional[str] = None) -> None:
     check(pickled, f"{name}: it is a zip archive that torch.save did not write (no data.pkl in it); "
                    f"{GIVE_A_CHECKPOINT}")
     try:
-        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
     except pickle.UnpicklingError:
         unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
         named = f" ({', '.join(unsafe(path))})" if unsafe else ""

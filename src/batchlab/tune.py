@@ -91,8 +91,17 @@ class BatchSizeSearch(BatchSizeFinder):
         self.max_trials, self.batch_arg_name, self.margin, self.max_val = max_trials, batch_arg_name, margin, max_val
         self.result: Optional[TuneResult] = None
 
+    def check_holder(self, model: LightningModule, datamodule: Any) -> None:
+        """Refuse a ``batch_arg_name`` that neither the model nor the data holds, before any fit starts (Lightning
+        finds it only once the fit is under way, its run folder written)."""
+        holders = [obj for obj in (model, datamodule) if obj is not None]
+        check(any(hasattr(obj, self.batch_arg_name) or self.batch_arg_name in (getattr(obj, "hparams", None) or {})
+                  for obj in holders),
+              f"batch_arg_name={self.batch_arg_name!r} is not allowed: neither "
+              f"{' nor '.join(type(obj).__name__ for obj in holders)} has an attribute or hparam of that name; name "
+              "the one that holds the batch size")
+
     def scale_batch_size(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        check_not_distributed(trainer)
         initial = lightning_getattr(pl_module, self.batch_arg_name)
         rng = _rng_state()
         observer = TrialObserver(trainer, pl_module, self.batch_arg_name)
@@ -190,6 +199,7 @@ def run_tune(trainer: Trainer, model: LightningModule, datamodule: Any, finder: 
     """Search with ``finder`` and stop, as ``lightning.pytorch.tuner.Tuner.scale_batch_size`` does (Tuner builds
     its own finder, so this repeats its few lines with ours)."""
     check_not_distributed(trainer)
+    finder.check_holder(model, datamodule)
     stop_after_search(finder)
     trainer.callbacks = [finder] + [c for c in trainer.callbacks if not isinstance(c, BatchSizeFinder)]
     try:
