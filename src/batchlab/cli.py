@@ -60,9 +60,12 @@ class BatchlabTrainer(Trainer):
         super().__init__(*args, **kwargs)
 
     def fit(self, *args: Any, **kwargs: Any) -> None:
-        """Lightning's fit. When a signal stops it, Lightning has already run every ``on_exception`` hook (the
-        checkpoint callback saved) and ends with ``SystemExit``: ``sys.exit(1)`` after Ctrl+C, ``SIGTERMException``
-        (exit status 0) after SIGTERM. This writes the run's summary and turns both into ``RunInterrupted``.
+        """Train the model, report its speed and loss, and stop cleanly on Ctrl+C or SIGTERM.
+
+        (``batchlab --help`` shows the paragraph above.) Lightning's fit: when a signal stops it, Lightning has
+        already run every ``on_exception`` hook (the checkpoint callback saved) and ends with ``SystemExit``:
+        ``sys.exit(1)`` after Ctrl+C, ``SIGTERMException`` (exit status 0) after SIGTERM. This writes the run's
+        summary and turns both into ``RunInterrupted``.
 
         Under DDP, ``StopTogether`` takes the signals from here on (``batchlab.signals``): by default one that
         came while Lightning starts the other processes would kill this one and leave them waiting for ever."""

@@ -16,14 +16,20 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def write_atomically(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` in one step."""
+    replace_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """Replace ``path`` in one step with what ``write(tmp)`` writes to a temporary file beside it (a plot, say),
+    keeping its suffix, which some writers read the format from."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    write(tmp)
     os.replace(tmp, path)
 
 

@@ -199,6 +199,8 @@ def run_tune(trainer: Trainer, model: LightningModule, datamodule: Any, finder: 
     """Search with ``finder`` and stop, as ``lightning.pytorch.tuner.Tuner.scale_batch_size`` does (Tuner builds
     its own finder, so this repeats its few lines with ours)."""
     check_not_distributed(trainer)
+    check(not trainer.fast_dev_run, f"trainer.fast_dev_run={trainer.fast_dev_run!r} is not allowed with the batch-size "
+                                    "search: Lightning's finder skips itself under it; leave fast_dev_run off")
     finder.check_holder(model, datamodule)
     stop_after_search(finder)
     trainer.callbacks = [finder] + [c for c in trainer.callbacks if not isinstance(c, BatchSizeFinder)]

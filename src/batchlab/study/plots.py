@@ -13,10 +13,10 @@ A quick study draws the first and the last.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, Optional
 
+from batchlab.files import replace_atomically
 from batchlab.study.results import StudyResult, Trial
 
 
@@ -55,11 +55,9 @@ def write_plots(result: StudyResult) -> list[Path]:
 
     def save(fig: Any, name: str) -> None:
         path = root / name
-        tmp = root / f".{name}.tmp{os.getpid()}.png"
         fig.tight_layout()
-        fig.savefig(tmp, dpi=110)
+        replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110))
         plt.close(fig)
-        os.replace(tmp, path)
         written.append(path)
 
     grid = s.grid
