@@ -44,6 +44,8 @@ def test_batchlab_variants_are_the_seed_config_with_the_cases_data():
     bench = _bench()
     args = bench.batchlab_args(bench.CASES["1m"], "batchlab", "/tmp/x")
     assert args[:2] == ["-c", str(bench.SEED_CONFIG)]
+    long = bench.batchlab_args(bench.CASES["1m"], "batchlab-long", "/tmp/x")
+    assert long[long.index("--trainer.log_every_n_steps") + 1] == "50" and "--trainer.log_every_n_steps" not in args
     assert args[args.index("--data.n_samples") + 1] == "1000000"
     assert args[args.index("--data.batch_size") + 1] == "65536"
     assert args[args.index("--trainer.max_epochs") + 1] == "8"
