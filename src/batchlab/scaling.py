@@ -177,6 +177,61 @@ def _one_term(column: Tensor, rhs: Tensor) -> float:
 
 
 @dataclass
+class LogScalingFit(ScalingFit):
+    """S(B) fitted in log space: the residuals log(measured / fitted) per point, their root mean square and, where
+    the points' standard errors were given, chi^2 per degree of freedom (about 1 where the model describes them)."""
+
+    residuals: list[float]
+    rms: float
+    chi2_per_dof: Optional[float]
+
+
+def fit_steps_log(batch_sizes: Sequence[float], steps: Sequence[float],
+                  errors: Optional[Sequence[float]] = None) -> Optional[LogScalingFit]:
+    """Weighted least squares of log S = log S_min + log(1 + B_crit / B), weights 1 / error^2 (``errors``: the
+    standard errors of log S; equal weights without them).
+
+    In log space every point counts by its relative error, so the many points of a plateau do not pull the fit
+    away from the few of the 1/B regime, as a fit of S itself lets them. For a given B_crit the best log S_min is a
+    weighted mean, so the fit scans B_crit (0, and a log grid from 1/1000 of the smallest B to 1000 x the largest)
+    and refines the best by golden section. Returns None with fewer than two distinct batch sizes.
+    """
+    pts = [(float(b), math.log(s), e) for b, s, e in zip(batch_sizes, steps, errors or [None] * len(steps))
+           if s > 0 and b > 0]
+    if len({b for b, _, _ in pts}) < 2:
+        return None
+    weights = [1.0 / e**2 if errors else 1.0 for _, _, e in pts]
+
+    def solve(b_crit: float) -> tuple[float, float]:
+        shape = [math.log1p(b_crit / b) for b, _, _ in pts]
+        log_s_min = sum(w * (y - f) for w, (_, y, _), f in zip(weights, pts, shape)) / sum(weights)
+        loss = sum(w * (y - log_s_min - f) ** 2 for w, (_, y, _), f in zip(weights, pts, shape))
+        return loss, log_s_min
+
+    lo, hi = math.log(min(b for b, _, _ in pts) / 1000), math.log(max(b for b, _, _ in pts) * 1000)
+    scan = [0.0] + [math.exp(lo + (hi - lo) * i / 400) for i in range(401)]
+    b_crit = min(scan, key=lambda c: solve(c)[0])
+    if b_crit > 0:  # refine between the scan's neighbours, in log B_crit
+        a, c = math.log(b_crit) - (hi - lo) / 400, math.log(b_crit) + (hi - lo) / 400
+        g = (math.sqrt(5) - 1) / 2
+        for _ in range(60):
+            x1, x2 = c - g * (c - a), a + g * (c - a)
+            if solve(math.exp(x1))[0] < solve(math.exp(x2))[0]:
+                c = x2
+            else:
+                a = x1
+        refined = math.exp((a + c) / 2)
+        b_crit = refined if solve(refined)[0] <= solve(b_crit)[0] else b_crit
+    _, log_s_min = solve(b_crit)
+    s_min = math.exp(log_s_min)
+    residuals = [y - log_s_min - math.log1p(b_crit / b) for b, y, _ in pts]
+    rms = math.sqrt(sum(r * r for r in residuals) / len(residuals))
+    dof = len(pts) - 2
+    chi2 = (sum((r / e) ** 2 for r, (_, _, e) in zip(residuals, pts)) / dof) if errors and dof > 0 else None
+    return LogScalingFit(s_min, s_min * b_crit, b_crit, residuals, rms, chi2)
+
+
+@dataclass
 class ThroughputFit:
     """Time per optimizer step t(B) = alpha + beta B, in seconds."""
 
