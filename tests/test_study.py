@@ -10,7 +10,7 @@ import pytest
 from conftest import STUDY, scalars, signal_a_study
 
 from batchlab import scaling
-from batchlab.study import Study, StudySettings, fitting, noise, sweep
+from batchlab.study import Study, StudySettings, fitting, noise, search, sweep
 from batchlab.study import throughput as timing
 from batchlab.study.results import Trial
 
@@ -305,7 +305,7 @@ def test_a_model_torch_func_cannot_vmap_gets_the_two_batch_noise_estimate(batchl
 
 
 def _result(factor, status, best_value, steps=None):
-    return Trial(batch_size=8, lr=1e-3 * factor, lr_factor=factor, status=status, steps=steps, samples=None,
+    return Trial(batch_size=8, lr=1e-3 * factor, lr_factor=factor, seed=0, status=status, steps=steps, samples=None,
                  seconds_to_target=None, steps_run=steps or 100, max_steps=100, wall_s=1.0, best_value=best_value,
                  final_value=best_value, curve=[])
 
@@ -323,8 +323,8 @@ def _result(factor, status, best_value, steps=None):
         ([_result(0.5, "budget", 1.4), _result(1, "stalled", 1.2)], None),
     ],
 )
-def test_the_lr_grid_is_extended_towards_the_better_edge(results, direction):
-    assert sweep.extend_direction(results) == direction
+def test_the_lr_grid_is_extended_towards_the_open_edge(results, direction):
+    assert search.BatchSizeSearch(8, trials=results).open_side() == direction
 
 
 def test_the_best_lr_among_equal_step_counts_is_the_one_tried_first_not_the_faster_wall_clock():

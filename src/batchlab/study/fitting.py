@@ -91,6 +91,18 @@ def check_batch_size_holder(model: LightningModule, datamodule: Any) -> None:
     )
 
 
+def reinitialise(model: LightningModule, seed: int) -> None:
+    """Draw new initial weights for ``model`` from ``seed``, as its constructor would: every submodule's own
+    ``reset_parameters`` (torch's layers all have one), in module order. A parameter a custom module creates
+    without one keeps its value, the same for every seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in model.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset) and module is not model:
+                reset()
+
+
 class Fitter:
     """Runs a study's fits, and stops the study on a signal.
 
@@ -115,6 +127,9 @@ class Fitter:
         self.ranks = Ranks(probe.strategy, probe.world_size)
         self._stop: Optional[str] = None
         self._active: Optional[Trainer] = None
+        # What this process's fits spent, optimizer steps and training samples: the folder records each
+        # measurement's share of it (``StudyFolder.measured``), so that a resumed study still knows its cost.
+        self.fits = self.steps = self.samples = 0
 
     def trainer(self, callbacks: list[Callback], max_steps: int, validate_every: Optional[int]) -> Trainer:
         """A Trainer for one of the study's runs: ``max_steps`` optimizer steps, validating every
@@ -132,12 +147,17 @@ class Fitter:
         return Trainer(**kwargs)
 
     def fit(self, batch_size: int, lr: float, callbacks: list[Callback], max_steps: int,
-            validate_every: Optional[int]) -> tuple[LightningModule, Trainer]:
-        """Train a copy of the model at the global ``batch_size`` and ``lr``; returns the model and its Trainer."""
+            validate_every: Optional[int], seed: Optional[int] = None) -> tuple[LightningModule, Trainer]:
+        """Train a copy of the model at the global ``batch_size`` and ``lr``; returns the model and its Trainer.
+        From another ``seed`` than the study's the copy gets new initial weights (``reinitialise``) and another
+        data order."""
         model, data = copy.deepcopy(self.model), copy.deepcopy(self.datamodule)
+        seed = self.seed if seed is None else seed
+        if seed != self.seed:
+            reinitialise(model, seed)
         set_value("batch_size", batch_size // self.ranks.world_size, model, data)
         set_value(self.lr_attr, lr, model)
-        seed_everything(self.seed, verbose=False)
+        seed_everything(seed, verbose=False)
         self.check_stop()
         if self.ranks.world_size > 1:
             callbacks = [*callbacks, StudyStopTogether(self)]
@@ -152,6 +172,9 @@ class Fitter:
                 self._stop = signame
             finally:
                 self._active = None
+                self.fits += 1
+                self.steps += trainer.global_step
+                self.samples += trainer.global_step * batch_size
         self.check_stop()  # a fit cut short by a signal is not a measurement
         return model, trainer
 

@@ -12,14 +12,28 @@ Under DDP rank 0 alone reads and writes it (``batchlab.study.ranks``); every ran
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 from batchlab.errors import ConfigError
 from batchlab.files import jsonable, write_atomically
 from batchlab.study.ranks import Ranks
+from batchlab.study.results import FORMAT
 
 T = TypeVar("T")
+
+
+@dataclass
+class Spent:
+    """What one measurement cost when it was made: its fits, their optimizer steps and training samples, and its
+    seconds. Kept in the measurement's own file (``_cost``), so that a resumed study still knows it."""
+
+    fits: int = 0
+    steps: int = 0
+    samples: int = 0
+    wall_s: float = 0.0
 
 
 class StudyFolder:
@@ -32,6 +46,9 @@ class StudyFolder:
 
     def __init__(self, root: Path, ranks: Ranks) -> None:
         self.root, self.ranks = root, ranks
+        # The running totals of fits, steps and samples (``Fitter``'s), read before and after a measurement.
+        self.meter: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0)
+        self.spent: dict[str, Spent] = {}  # every measurement this study used, by key
 
     @classmethod
     def open(cls, out: str, fingerprint: dict[str, Any], fresh: bool, ranks: Ranks) -> StudyFolder:
@@ -44,9 +61,15 @@ class StudyFolder:
         makes it a result again."""
         cached = self.ranks.decide(lambda: _read(self.root, key))
         if cached is None:
+            before, start = self.meter(), time.perf_counter()
             # As stored (non-finite numbers as null), so that a resumed study computes from the same values.
-            cached = self.ranks.shared(jsonable(measure()))
+            cached = jsonable(measure())
+            fits, steps, samples = (b - a for a, b in zip(before, self.meter()))
+            cached["_cost"] = jsonable(Spent(fits, steps, samples, time.perf_counter() - start))
+            cached = self.ranks.shared(cached)
             self.ranks.decide(lambda: _write(self.root, key, cached))
+        cached = dict(cached)
+        self.spent[key] = Spent(**cached.pop("_cost"))
         return load(cached)
 
 
@@ -60,6 +83,12 @@ def _open(out: str, fingerprint: dict[str, Any], fresh: bool) -> Path:
     saved = _read(root, "study")
     if saved is not None:
         measured = any(p.name != "study.json" for p in root.iterdir())
+        if saved.get("format") != FORMAT and measured:
+            raise ConfigError(
+                f"{root} holds a study made by an older batchlab (folder format {saved.get('format', 1)}, this one "
+                f"reads {FORMAT}); it is kept as it is: use --fresh true for a new folder beside it, or --out "
+                "NEW_FOLDER"
+            )
         if saved != jsonable(fingerprint) and measured:
             changed = sorted(_diff(saved, jsonable(fingerprint)))
             raise ConfigError(

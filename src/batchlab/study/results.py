@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-Status = Literal["reached", "budget", "pruned", "stalled", "diverged"]
+# reached the target; ran its whole step budget; stopped at the steps of a better LR at the same B (pruned); stopped
+# once its time passed --stop_regret x the best time to target so far, so it cannot enter the band (slow); stopped
+# without improvement for --patience validations (stalled); lost to non-finite values (diverged).
+Status = Literal["reached", "budget", "pruned", "slow", "stalled", "diverged"]
+
+# The layout of a study's folder; a folder of another format is refused (``batchlab.study.folder``).
+FORMAT = 2
 
 
 def _only_if(predicate: Any) -> Any:
@@ -62,11 +68,12 @@ class CurvePoint:
 
 @dataclass
 class Trial:
-    """One fit towards the target at one batch size and LR, and how it ended."""
+    """One fit towards the target at one batch size and LR, from one seed, and how it ended."""
 
     batch_size: int
     lr: float
-    lr_factor: float
+    lr_factor: float  # the LR over the scaling rule's centre at this B
+    seed: int
     status: Status
     steps: Optional[int]  # to the target, where it was reached
     samples: Optional[int]
@@ -137,25 +144,76 @@ def _swept(entry: BatchSizeResult) -> bool:
 
 @dataclass
 class BatchSizeResult:
-    """One batch size: its speed and, in a full study, its best trial's steps and time to the target."""
+    """One batch size: its speed and, in a full study, its best LR's steps and time to the target, over seeds."""
 
     batch_size: int
     step_s: float
     samples_per_s: float
-    steps: Optional[int] = _only_if(_swept)
-    samples: Optional[int] = _only_if(_swept)
+    # Steps to target at the best LR, as the answer uses them: the geometric mean over the seeds that ran it
+    # (``steps_by_seed``, in seed order; null where a seed did not reach the target within its budget), each
+    # seed's own luck taken out (``measured_steps``), then made non-increasing in B (``batchlab.study.band``).
+    steps: Optional[float] = _only_if(_swept)
+    measured_steps: Optional[float] = _only_if(_swept)
+    samples: Optional[float] = _only_if(_swept)
     lr: Optional[float] = _only_if(_swept)
     time_to_target_s: Optional[float] = _only_if(_swept)
     trial_wall_s: Optional[float] = _only_if(lambda e: e.reached)
-    # Where the best LR still sat at an edge of those tried (up or down): a better one may lie beyond it, and the
-    # steps (so B_crit and the answer) would then be too high at this B.
+    steps_by_seed: Optional[list[Optional[int]]] = _only_if(_swept)
+    # The standard deviation of log(steps) over this B's seeds (null with one seed); the band uses the pooled one.
+    spread: Optional[float] = _only_if(_swept)
+    lr_trials: Optional[int] = _only_if(_swept)  # LRs tried at this B (seed of the study)
+    # Seeds that did not reach the target at the chosen LR: such a B is left out of the band and the fit.
+    seeds_failed: Optional[int] = _only_if(_swept)
+    # Whether a worse LR ran on each side of the best (or that side diverged); where not, why (the cap was hit,
+    # or the search was cut for time) and which edge the best LR sat at.
+    bracketed: Optional[bool] = _only_if(lambda e: e.reached)
+    unbracketed_reason: Optional[str] = _only_if(lambda e: e.reached)
     lr_at_edge: Optional[Literal["up", "down"]] = _only_if(lambda e: e.reached)
+    # The consistency step: more LRs were tried here because its steps exceeded a smaller B's beyond the noise
+    # (re_searched), and whether that is still so (inconsistent).
+    re_searched: Optional[bool] = _only_if(_swept)
+    inconsistent: Optional[bool] = _only_if(_swept)
     never_reached: Optional[list[Status]] = _only_if(lambda e: e.never_reached is not None)
     regret: Optional[float] = _only_if(_swept)  # time to target over the best's
+    measured_regret: Optional[float] = _only_if(_swept)  # the same from measured_steps
+    # The regret one standard error either way, from the spread (the band uses these).
+    regret_low: Optional[float] = _only_if(_swept)
+    regret_high: Optional[float] = _only_if(_swept)
+    fitted_steps: Optional[float] = _only_if(_swept)  # the fitted S(B)
+    fitted_regret: Optional[float] = _only_if(_swept)  # S_fit(B) t(B) over the best's measured time to target
 
     @property
     def reached(self) -> bool:
         return self.steps is not None
+
+
+@dataclass
+class StudyCost:
+    """What a study spent: every fit's optimizer steps and training samples, the noise estimates' samples, and the
+    seconds of its measurements (summed over the runs that made them, so a resumed study counts them once), each
+    also as a multiple of one run to target at the recommendation."""
+
+    samples: int
+    steps: int
+    wall_s: float
+    trials: int  # fits towards the target (all LRs, all seeds)
+    fits: int  # every fit: throughput runs, the reference run and the trials
+    samples_x: Optional[float] = None
+    steps_x: Optional[float] = None
+    wall_x: Optional[float] = None
+
+
+@dataclass
+class ScalingFitResult:
+    """S(B) = S_min (1 + B_crit / B) fitted in log space, weighted by the measured spread, and how well it does."""
+
+    s_min: float
+    e_min: float
+    b_crit: float
+    rms_log_residual: float  # root mean square of log(measured / fitted steps)
+    chi2_per_dof: Optional[float]  # residuals in units of their standard error; null with no degree of freedom
+    describes: bool  # whether the model describes the points within their noise
+    note: str  # what to make of B_crit
 
 
 def _full(result: StudyResult) -> bool:
@@ -201,14 +259,27 @@ class StudyResult:
     recommended_batch_size: Optional[int]
     recommended_lr: Optional[float]
     recommended_by: str
-    trials: list[Trial] = field(metadata=_NOT_IN_SUMMARY)  # in the order run: by batch size, then by LR tried
+    trials: list[Trial] = field(metadata=_NOT_IN_SUMMARY)  # in the order run
     noise_scale: NoiseScale = field(metadata=_NOT_IN_SUMMARY)
-    s_min: Optional[float] = _only_if(_full)  # S(B) = S_min (1 + B_crit / B)
+    cost: Optional[StudyCost] = None
+    seeds: list[int] = field(default_factory=list, metadata={"json_if": _full})
+    # The pooled standard deviation of log(steps to target) between seeds at one B and LR.
+    spread: Optional[float] = _only_if(_full)
+    fit: Optional[ScalingFitResult] = _only_if(_full)
+    s_min: Optional[float] = _only_if(_full)  # S(B) = S_min (1 + B_crit / B), as ``fit`` holds them
     e_min: Optional[float] = _only_if(_full)
     b_crit: Optional[float] = _only_if(_full)
     model_b_star: Optional[float] = _only_if(_full)  # sqrt(B_crit alpha / beta)
     time_to_target_s: Optional[float] = _only_if(_reached)
+    # The band: the contiguous B around the best whose time to target is within 10% of the best's, within one
+    # standard error of the spread.
     within_10_percent: list[int] = field(default_factory=list, metadata={"json_if": _full})
     lr_at_edge: list[int] = field(default_factory=list, metadata={"json_if": _full})
+    unbracketed: list[int] = field(default_factory=list, metadata={"json_if": _full})
+    re_searched: list[int] = field(default_factory=list, metadata={"json_if": _full})
+    inconsistent: list[int] = field(default_factory=list, metadata={"json_if": _full})
     regret: Optional[dict[int, Optional[float]]] = _only_if(_reached)
     quick_regret: Optional[float] = _only_if(_full)
+    # How the target relates to what the trials reached: the best value any trial reached, and its initial value.
+    best_value_reached: Optional[float] = _only_if(_full)
+    target_note: Optional[str] = _only_if(_full)

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from tqdm.auto import tqdm
 
+from batchlab import scaling
 from batchlab._lightning import runs_fits_in_this_process
 from batchlab.errors import check
 from batchlab.quiet import STARTUP_LINES, noise_dropped
@@ -29,11 +30,11 @@ from batchlab.study.folder import StudyFolder
 from batchlab.study.grid import batch_size_grid, memory_max, train_size
 from batchlab.study.noise import measure_noise_scale
 from batchlab.study.ranks import Ranks
-from batchlab.study.recommendation import summarise
+from batchlab.study.recommendation import quick_b_star, summarise
 from batchlab.study.report import write_report
-from batchlab.study.results import StudyResult
+from batchlab.study.results import FORMAT, StudyResult
+from batchlab.study.search import search_all
 from batchlab.study.settings import StudySettings
-from batchlab.study.sweep import sweep
 from batchlab.study.throughput import measure_throughput
 
 
@@ -81,8 +82,11 @@ class Study:
         machine = {"device": self.device, "torch": torch.__version__, "lightning": lightning.__version__}
         if ranks.world_size > 1:  # where torchrun or SLURM set it, `devices` in the configuration may not show it
             machine["world_size"] = ranks.world_size
-        self.fingerprint = {"study": settings.fingerprint(seed), "config": config or self._describe_objects(),
-                            "machine": machine}
+        self.fingerprint = {"format": FORMAT, "study": settings.fingerprint(seed),
+                            "config": config or self._describe_objects(), "machine": machine}
+        # The deciding trials' seeds: the study's own, then others far from any other study's (seed + 1000 k).
+        self.seed = seed
+        self.seeds = [seed + 1000 * k for k in range(settings.seeds)]
         self.folder: StudyFolder  # opened once the configuration has been checked
         self._bar: Optional[tqdm] = None
 
@@ -120,21 +124,29 @@ class Study:
         self.ranks.check_divisible("gns_batch_size", b_big)
         fitter.check_monitor(s.monitor)
         self.folder = StudyFolder.open(s.out, self.fingerprint, s.fresh, self.ranks)
+        self.folder.meter = lambda: (fitter.fits, fitter.steps, fitter.samples)
         fitter.root = self.folder.root
         STARTUP_LINES.show()  # the study's input has passed its checks
         memory = memory_max(fitter, self.folder)
         grid = batch_size_grid(s, w, n_train, memory)
-        total = len(grid) * s.throughput_rounds + 1 + (0 if s.quick else len(grid) * len(set(s.lr_factors)))
+        total = len(grid) * s.throughput_rounds + 1 + (0 if s.quick else len(grid) * len(set(s.lr_factors)))  # then more
         self._bar = tqdm(total=total, desc="batchlab study", unit="run", dynamic_ncols=True,
                          disable=not self.ranks.is_global_zero)
         try:
             throughput = measure_throughput(self, grid)
             noise = measure_noise_scale(self, b_big)
-            sweeps = {} if s.quick else {b: sweep(self, b) for b in grid}
+            searcher = None
+            if not s.quick:
+                # The search starts where the quick answer points, so that a good time to target is known early.
+                fit_t = scaling.fit_throughput([t.batch_size for t in throughput], [t.step_s for t in throughput])
+                b_star = quick_b_star(noise, fit_t)
+                start = scaling.nearest_in_grid(b_star, grid) if not math.isnan(b_star) else self.base_batch_size
+                start = start if start in grid else scaling.nearest_in_grid(start, grid)
+                searcher = search_all(self, grid, {t.batch_size: t.step_s for t in throughput}, start)
             fitter.check_stop()
         finally:
             self._bar.close()
-        return summarise(self, grid, n_train, memory, throughput, noise, sweeps)
+        return summarise(self, grid, n_train, memory, throughput, noise, searcher)
 
     def tick(self) -> None:
         """One more run done (measured or read back): the progress bar moves, and a signal stops the study."""

@@ -36,8 +36,14 @@ class StudySettings:
             ``lr_factors [1]`` and ``lr_extend 0``.
         base_lr: LR the rule starts from; default: the model's ``lr`` (or ``learning_rate``).
         base_batch_size: Batch size of ``base_lr``; default: the configured batch size (times the devices).
-        lr_factors: LRs tried at each B, as multiples of the centre.
-        lr_extend: Extra LRs tried beyond the grid's edge, each way, while the best LR is at that edge.
+        lr_factors: LRs tried first at each B, as multiples of its start: the rule's centre at the first B, then
+            the best LR of the nearest B already searched, moved by the rule (the ridge).
+        lr_extend: Cap on the extra LRs tried beyond an edge, each way, while the best LR sits at that edge (it is
+            then not bracketed, and reported so).
+        seeds: Seeds of each deciding trial (the best LR at every B that may enter the band): the study's own and
+            ``seeds - 1`` more (each with its own initial weights and data order), whose spread the band allows for.
+        stop_regret: A trial stops once its time exceeds this multiple of the best time to target so far: it
+            cannot enter the band. The band's edge must stay below it.
         max_steps: Step budget of one trial.
         check_every: Validate every this many optimizer steps; steps to target are multiples of it.
         patience: Validations without improvement after which a trial is abandoned as stalled (0: never).
@@ -62,7 +68,9 @@ class StudySettings:
     base_lr: Optional[PositiveFloat] = None
     base_batch_size: Optional[PositiveInt] = None
     lr_factors: list[PositiveFloat] = field(default_factory=lambda: [0.5, 1.0, 2.0])
-    lr_extend: NonNegativeInt = 2
+    lr_extend: NonNegativeInt = 3
+    seeds: PositiveInt = 3
+    stop_regret: PositiveFloat = 2.0
     max_steps: PositiveInt = 2000
     check_every: PositiveInt = 5
     patience: NonNegativeInt = 50
@@ -85,6 +93,8 @@ class StudySettings:
         check(self.grid is None or len(self.grid) > 0, "grid=[] is not allowed: give at least one batch size")
         check(len(self.lr_factors) > 0,
               f"lr_factors={list(self.lr_factors)} is not allowed: use positive numbers, e.g. [0.5, 1, 2]")
+        check(self.stop_regret > 1.1, f"stop_regret={self.stop_regret} is not allowed: use a number above 1.1 (the "
+                                      "band reaches 10% above the best time)")
         check(self.gns_points >= 2, f"gns_points={self.gns_points} is not allowed: use an integer >= 2")
 
     def fingerprint(self, seed: int) -> dict[str, Any]:
