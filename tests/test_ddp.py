@@ -132,7 +132,8 @@ def test_a_study_under_ddp_trains_global_batches_and_estimates_the_noise_as_one_
     assert summary["recommended_batch_size"] in summary["grid"]
     assert f"Recommended batch size: {summary['recommended_batch_size']} " in proc.stdout
     rows = list(csv.DictReader((root / "results.csv").open()))
-    assert len(rows) == 4 and any(r["status"] == "reached" for r in rows)
+    assert {int(r["batch_size"]) for r in rows if r["seed"] == "0"} == set(summary["grid"])
+    assert any(r["status"] == "reached" for r in rows)
     for row in rows:
         if row["status"] == "reached":  # B is global: B / 2 per rank on each of 2 ranks, every step
             assert int(row["samples"]) == int(row["steps"]) * int(row["batch_size"])
@@ -162,10 +163,11 @@ def test_sigterm_to_the_launching_rank_stops_every_rank_of_a_study_and_a_rerun_r
     assert code == 143, err[-2000:]
     assert "Traceback" not in err and err.count("study interrupted by SIGTERM") == 1, err[-2000:]
     kept = {p.name: p.read_bytes() for p in trials.glob("*.json")}
-    assert 3 <= len(kept) < 8
+    assert 3 <= len(kept)
     _ok(run_command(tmp_path, *args, timeout=120))
     after = {p.name: p.read_bytes() for p in trials.glob("*.json")}
-    assert len(after) == 8 and all(after[name] == data for name, data in kept.items())
+    rows = list(csv.DictReader((tmp_path / "ddp" / "results.csv").open()))
+    assert len(after) == len(rows) > len(kept) and all(after[name] == data for name, data in kept.items())
 
 
 @pytest.mark.slow

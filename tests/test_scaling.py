@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from batchlab.scaling import (
-    NoiseSample, ScalingFit, ThroughputFit, b_simple, ema, estimate_from_norms, fit_steps, fit_throughput,
+    NoiseSample, ScalingFit, ThroughputFit, b_simple, ema, estimate_from_norms, fit_steps_log, fit_throughput,
     data_parallel_noise, local_gradient, nearest_in_grid, optimal_batch_size, per_example_gradients,
     per_example_noise, two_batch_noise,
 )
@@ -127,24 +127,43 @@ def test_ema_is_bias_corrected():
 
 
 @pytest.mark.parametrize(("s_min", "b_crit"), [(100.0, 5.0), (40.0, 300.0), (1000.0, 0.5)])
-def test_fit_steps_recovers_known_parameters(s_min, b_crit):
+def test_the_log_space_fit_recovers_known_parameters(s_min, b_crit):
     grid = [2**k for k in range(13)]
     truth = ScalingFit(s_min, s_min * b_crit, b_crit)
-    fit = fit_steps(grid, [truth.steps(b) for b in grid])
-    assert fit.s_min == pytest.approx(s_min, rel=1e-6) and fit.b_crit == pytest.approx(b_crit, rel=1e-6)
-    assert fit.e_min == pytest.approx(s_min * b_crit, rel=1e-6)
+    fit = fit_steps_log(grid, [truth.steps(b) for b in grid])
+    assert fit.s_min == pytest.approx(s_min, rel=1e-5) and fit.b_crit == pytest.approx(b_crit, rel=1e-4)
+    assert fit.e_min == pytest.approx(s_min * b_crit, rel=1e-4) and fit.rms == pytest.approx(0.0, abs=1e-6)
     noise = torch.Generator().manual_seed(0)
-    noisy = [truth.steps(b) * (1 + 0.05 * torch.randn(1, generator=noise).item()) for b in grid]
-    fit = fit_steps(grid, noisy)
-    assert fit.s_min == pytest.approx(s_min, rel=0.1) and fit.b_crit == pytest.approx(b_crit, rel=0.25)
+    noisy = [truth.steps(b) * math.exp(0.05 * torch.randn(1, generator=noise).item()) for b in grid]
+    fit = fit_steps_log(grid, noisy, [0.05] * len(grid))
+    assert fit.s_min == pytest.approx(s_min, rel=0.1) and fit.b_crit == pytest.approx(b_crit, rel=0.3)
+    # Residuals in units of their standard error: chi^2 per degree of freedom about 1 where the model holds.
+    assert 0.3 < fit.chi2_per_dof < 2.5
+    assert fit.residuals == pytest.approx([math.log(s / fit.steps(b)) for b, s in zip(grid, noisy)])
 
 
-def test_fit_steps_pins_a_negative_term_and_needs_two_batch_sizes():
-    fit = fit_steps([1, 2, 4, 8], [100.0, 101.0, 99.0, 100.0])  # no benefit from larger batches
+def test_the_log_space_fit_weighs_every_point_by_its_error_not_its_size():
+    """The plateau's many points must not pull the fit off the few of the 1/B regime: in log space a 20% miss at
+    B=1 counts as much as one at B=4096 (a fit of S itself weighs the small-B points' large steps alone)."""
+    grid = [2**k for k in range(13)]
+    truth = ScalingFit(100.0, 700.0, 7.0)
+    steps = [truth.steps(b) * (1.2 if b >= 64 else 1.0) for b in grid]  # the plateau 20% high
+    fit = fit_steps_log(grid, steps)
+    assert max(abs(r) for r in fit.residuals) < math.log(1.2)
+    # A point whose error is tiny is all but matched, whatever the others say.
+    errors = [0.001 if b == 1 else 0.2 for b in grid]
+    fit = fit_steps_log(grid, [s * (1.5 if b == 1 else 1.0) for b, s in zip(grid, steps)], errors)
+    assert fit.steps(1) == pytest.approx(1.5 * steps[0], rel=0.01)
+
+
+def test_the_log_space_fit_takes_the_limits_and_needs_two_batch_sizes():
+    fit = fit_steps_log([1, 2, 4, 8], [100.0, 101.0, 99.0, 100.0])  # no benefit from larger batches
     assert fit.b_crit == pytest.approx(0.0, abs=0.05) and fit.s_min == pytest.approx(100.0, rel=0.02)
-    fit = fit_steps([1, 2, 4, 8], [800.0, 400.0, 200.0, 100.0])  # perfect scaling all the way
-    assert fit.s_min == pytest.approx(0.0, abs=1e-9) and fit.b_crit > 1e6 and fit.e_min == pytest.approx(800.0)
-    assert fit_steps([4, 4], [10.0, 12.0]) is None
+    fit = fit_steps_log([1, 2, 4, 8], [800.0, 400.0, 200.0, 100.0])  # perfect scaling all the way
+    assert fit.b_crit >= 100 * 8 and fit.e_min == pytest.approx(800.0, rel=0.01)
+    assert fit_steps_log([4, 4], [10.0, 12.0]) is None
+    assert fit_steps_log([1, 2, 4], [100.0, 60.0, 50.0], [0.1, 0.1, 0.1]).chi2_per_dof is not None
+    assert fit_steps_log([1, 2], [100.0, 60.0], [0.1, 0.1]).chi2_per_dof is None, "no degree of freedom left"
 
 
 def test_fit_throughput_recovers_alpha_and_beta():

@@ -151,31 +151,6 @@ class ScalingFit:
         return self.s_min * (1 + self.b_crit / b)
 
 
-def fit_steps(batch_sizes: Sequence[float], steps: Sequence[float]) -> Optional[ScalingFit]:
-    """Least-squares fit of S = S_min + E_min / B in relative error (weights 1/S), both terms kept >= 0.
-
-    The model is linear in (S_min, E_min), so this is a weighted linear least squares; a negative coefficient is
-    pinned to zero and the other refitted. Returns None with fewer than two distinct batch sizes.
-    """
-    pts = [(float(b), float(s)) for b, s in zip(batch_sizes, steps) if s > 0 and b > 0]
-    if len({b for b, _ in pts}) < 2:
-        return None
-    rows = torch.tensor([[1.0 / s, 1.0 / (b * s)] for b, s in pts], dtype=torch.float64)
-    rhs = torch.ones(len(pts), dtype=torch.float64)
-    coef = torch.linalg.lstsq(rows, rhs.unsqueeze(1)).solution.squeeze(1)
-    s_min, e_min = coef.tolist()
-    if e_min <= 0:
-        s_min, e_min = _one_term(rows[:, 0], rhs), 0.0
-    elif s_min <= 0:
-        s_min, e_min = 0.0, _one_term(rows[:, 1], rhs)
-    b_crit = e_min / s_min if s_min > 0 else math.inf
-    return ScalingFit(s_min, e_min, b_crit)
-
-
-def _one_term(column: Tensor, rhs: Tensor) -> float:
-    return float((column @ rhs) / (column @ column))
-
-
 @dataclass
 class LogScalingFit(ScalingFit):
     """S(B) fitted in log space: the residuals log(measured / fitted) per point, their root mean square and, where
@@ -245,10 +220,14 @@ class ThroughputFit:
 _NEGLIGIBLE = 1e-9  # a fitted term below this fraction of the other is rounding noise
 
 
+def _one_term(column: Tensor, rhs: Tensor) -> float:
+    return float((column @ rhs) / (column @ column))
+
+
 def fit_throughput(batch_sizes: Sequence[float], step_times: Sequence[float]) -> ThroughputFit:
     """Least-squares fit of t = alpha + beta B in relative error (weights 1/t), since t spans decades.
 
-    Both coefficients are kept >= 0, as for ``fit_steps``. A term that is rounding noise is zero: the solver leaves
+    Both coefficients are kept >= 0. A term that is rounding noise is zero: the solver leaves
     a flat t(B) with a beta of about +-1e-22, its sign up to the BLAS build, which would make B* either unbounded
     or some 1e10; a term worth less than a billionth of the other one across the grid counts as none.
     """

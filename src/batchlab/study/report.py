@@ -24,7 +24,7 @@ from batchlab.files import dumps, write_atomically
 from batchlab.study.plots import best_trials, fmt, write_plots
 from batchlab.study.results import BatchSizeResult, StudyResult
 
-TRIAL_COLUMNS = ["batch_size", "lr", "lr_factor", "status", "steps", "samples", "seconds_to_target", "steps_run",
+TRIAL_COLUMNS = ["batch_size", "lr", "lr_factor", "seed", "status", "steps", "samples", "seconds_to_target", "steps_run",
                  "max_steps", "wall_s", "best_value", "final_value"]
 
 

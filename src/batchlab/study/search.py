@@ -96,8 +96,8 @@ class BatchSizeSearch:
         return f"cap: --lr_extend {cap} more LRs tried {side}ward, the best still at that edge"
 
     def edge(self) -> Optional[Side]:
-        """The edge of the LRs tried that the best sits at, if any."""
-        best = self.best
+        """The edge of the LRs tried that the chosen LR (the one the answer uses) sits at, if any."""
+        best = self.chosen
         if best is None or len(self.trials) < 2:
             return None
         factors = [t.lr_factor for t in self.trials]
