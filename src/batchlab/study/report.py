@@ -6,8 +6,7 @@
 - ``summary.json``: the recommendation and every fitted quantity (the ``StudyResult`` less its measurements);
 - ``report.md``: the answer, its band and its cost first, then what they rest on (``batchlab.study.answer``),
   the table, and each plot (``batchlab.study.plots``) under the paragraph that reads it;
-- ``tensorboard/bs<B>``: one TensorBoard run per batch size at its best LR, the monitored metric with samples
-  seen as its step (so ``tensorboard --logdir <study>`` overlays them) and its HParams against the results.
+- ``tensorboard/``: the curves and one HParams session per trial (``batchlab.study.board``).
 
 A quick study (``--quick``) writes ``quick.json`` and ``quick.md`` instead, so a full study in the same folder
 keeps both. These files are derived from the measurements and rewritten whole (atomically) when the study
@@ -23,7 +22,8 @@ from pathlib import Path
 
 from batchlab.files import dumps, write_atomically
 from batchlab.study import answer
-from batchlab.study.plots import best_trials, fmt, target_text, write_plots
+from batchlab.study.board import write_tensorboard
+from batchlab.study.plots import fmt, target_text, write_plots
 from batchlab.study.results import StudyResult
 
 TRIAL_COLUMNS = ["batch_size", "lr", "lr_factor", "seed", "status", "steps", "samples", "seconds_to_target",
@@ -53,7 +53,7 @@ def write_report(result: StudyResult) -> list[Path]:
     write_atomically(md, markdown(result, [p.name for p in plots]))
     written.append(md)
     if not result.quick:
-        written += _tensorboard(result)
+        written += write_tensorboard(result)
     return written
 
 
@@ -125,33 +125,6 @@ def markdown(result: StudyResult, plots: list[str]) -> str:
                    f"{fmt(p.b_simple_ema)} |" + (f" {fmt(p.ranks_b_simple)} |" if ranks else ""))
     out.append("")
     return "\n".join(out)
-
-
-def _tensorboard(result: StudyResult) -> list[Path]:
-    """One run per (B, best LR), written once: a run folder that exists already is left as it is."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    root = Path(result.folder)
-    written = []
-    per_b = {e.batch_size: e for e in result.batch_sizes}
-    for t in best_trials(result):
-        version = f"bs{t.batch_size:07d}"
-        if (root / "tensorboard" / version).exists():
-            continue
-        logger = TensorBoardLogger(str(root), name="tensorboard", version=version, default_hp_metric=False)
-        for p in t.curve:
-            if p.value is not None:
-                logger.log_metrics({f"{result.monitor}_vs_samples": p.value}, step=p.samples)
-                logger.log_metrics({f"{result.monitor}_vs_steps": p.value}, step=p.step)
-        e = per_b[t.batch_size]
-        logger.log_hyperparams(
-            {"batch_size": t.batch_size, "lr": t.lr, "lr_factor": t.lr_factor},
-            metrics={"hp/steps_to_target": e.steps, "hp/time_to_target_s": e.time_to_target_s,
-                     "hp/samples_per_s": e.samples_per_s, "hp/regret": e.regret},
-        )
-        logger.finalize("success")
-        written.append(root / "tensorboard" / version)
-    return written
 
 
 PRINTED = [("B", "B", 7), ("lr", "lr", 11), ("steps ±sd", "steps", 14), ("ms/step", "ms", 8),
