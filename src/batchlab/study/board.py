@@ -116,14 +116,16 @@ def write_tensorboard(result: StudyResult) -> list[Path]:
     experiment, hp = _experiment(result)
     names: set[Path] = set()
     for i, t in enumerate(sorted(result.trials, key=lambda t: (t.batch_size, t.lr, t.seed))):
-        run = build / "trials" / f"bs{t.batch_size:07d}" / f"lr{t.lr:.4g}_seed{t.seed}"
-        while run in names:  # the same LR and seed twice (a resumed search): keep both
-            run = run.with_name(run.name + "_again")
+        again = ""
+        while (run := build / "trials" / f"bs{t.batch_size:07d}" / f"lr{t.lr:.4g}_seed{t.seed}{again}") in names:
+            again += "_again"  # the same LR and seed twice (a resumed search): keep both
         names.add(run)
         with SummaryWriter(str(run)) as w:
             if i == 0:
                 w.file_writer.add_summary(experiment)
-            w.file_writer.add_summary(hp.hparams_pb(hparams_of(result, t), trial_id=str(run.relative_to(build))))
+            # The table's first column, sorted as text and cut short in the browser: B first, padded.
+            trial_id = f"bs{t.batch_size:07d} lr{t.lr:.4g} seed{t.seed}{again}"
+            w.file_writer.add_summary(hp.hparams_pb(hparams_of(result, t), trial_id=trial_id))
             for tag, value in _values(result, t).items():
                 w.add_scalar(tag, value, 0)
         runs.append(run)
