@@ -68,11 +68,11 @@ def _table(result: StudyResult) -> list[str]:
     for row in answer.rows(result):
         out.append("| " + " | ".join(row[k] for _, k in TABLE) + " |")
     return out + ["", "Steps to target: the geometric mean over the seeds at the chosen LR, made non-increasing in "
-                      "B, ± the seeds' standard deviation in log steps (each seed's own luck taken out); a seed's steps are - where it "
-                      "did not reach the target (stopped early, or failed). Regret: "
-                      "time to target over the best's, and one standard error either way; measured from the "
-                      "seeds' steps as they were, fitted from S(B). An lr marked ^ or v sat at the top or bottom "
-                      "of the LRs tried.", ""]
+                      "B, ± the seeds' standard deviation in log steps (each seed's own luck taken out); a seed's "
+                      "steps are - where it did not reach the target (stopped early, or failed). Regret: time to "
+                      "target over the best's, and one standard error either way; measured from the seeds' steps "
+                      "as they were, fitted from S(B). An lr marked ^ or v sat at the top or bottom of the LRs "
+                      "tried.", ""]
 
 
 def _figure(name: str, plots: list[str]) -> list[str]:
