@@ -29,7 +29,8 @@ comes from the ranks' own gradients (B_small = one rank's batch, B_big = the glo
 Modules, in the order a study uses them: ``settings`` (the options), ``runner`` (``Study``, ``run_study``),
 ``ranks`` (rank 0 decides), ``folder`` (the resumable folder), ``fitting`` (the one fit every measurement makes),
 ``grid``, ``throughput``, ``noise``, ``sweep`` (the measurements), ``recommendation`` (fits and answer),
-``results`` (the dataclasses), ``report`` and ``plots`` (what is written and printed).
+``results`` (the dataclasses), ``report`` (what is written and printed), ``answer`` (its words), ``plots`` and
+``plot_axes`` (the figures), ``board`` (the TensorBoard runs).
 """
 
 from __future__ import annotations

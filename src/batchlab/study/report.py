@@ -2,11 +2,11 @@
 
 ``write_report(result)`` writes, from a ``StudyResult``:
 
-- ``results.csv``: one row per trial (batch size, LR, status, steps and samples to target, time per step...);
+- ``results.csv``: one row per trial (batch size, LR, seed, status, steps and samples to target, ...);
 - ``summary.json``: the recommendation and every fitted quantity (the ``StudyResult`` less its measurements);
-- ``report.md``: the table, the noise-scale trajectory and the plots (``batchlab.study.plots``);
-- ``tensorboard/bs<B>``: one TensorBoard run per batch size at its best LR, the monitored metric with samples
-  seen as its step (so ``tensorboard --logdir <study>`` overlays them) and its HParams against the results.
+- ``report.md``: the answer, its band and its cost first, then what they rest on (``batchlab.study.answer``),
+  the table, and each plot (``batchlab.study.plots``) under the paragraph that reads it;
+- ``tensorboard/``: the curves and one HParams session per trial (``batchlab.study.board``).
 
 A quick study (``--quick``) writes ``quick.json`` and ``quick.md`` instead, so a full study in the same folder
 keeps both. These files are derived from the measurements and rewritten whole (atomically) when the study
@@ -21,11 +21,15 @@ import io
 from pathlib import Path
 
 from batchlab.files import dumps, write_atomically
-from batchlab.study.plots import best_trials, fmt, write_plots
-from batchlab.study.results import BatchSizeResult, StudyResult
+from batchlab.study import answer
+from batchlab.study.board import write_tensorboard
+from batchlab.study.plots import fmt, target_text, write_plots
+from batchlab.study.results import StudyResult
 
-TRIAL_COLUMNS = ["batch_size", "lr", "lr_factor", "seed", "status", "steps", "samples", "seconds_to_target", "steps_run",
-                 "max_steps", "wall_s", "best_value", "final_value"]
+TRIAL_COLUMNS = ["batch_size", "lr", "lr_factor", "seed", "status", "steps", "samples", "seconds_to_target",
+                 "steps_run", "max_steps", "wall_s", "best_value", "final_value"]
+
+headline = answer.headline  # the answer's lines, as the report and the printout show them
 
 
 def write_report(result: StudyResult) -> list[Path]:
@@ -36,7 +40,7 @@ def write_report(result: StudyResult) -> list[Path]:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=TRIAL_COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        for t in sorted(result.trials, key=lambda t: (t.batch_size, t.lr)):
+        for t in sorted(result.trials, key=lambda t: (t.batch_size, t.lr, t.seed)):
             writer.writerow(dataclasses.asdict(t))
         write_atomically(root / "results.csv", buf.getvalue())
         written.append(root / "results.csv")
@@ -49,79 +53,60 @@ def write_report(result: StudyResult) -> list[Path]:
     write_atomically(md, markdown(result, [p.name for p in plots]))
     written.append(md)
     if not result.quick:
-        written += _tensorboard(result)
+        written += write_tensorboard(result)
     return written
 
 
-def _edge_mark(entry: BatchSizeResult) -> str:
-    """`` ^`` or `` v`` beside a best LR that sat at the top or bottom edge of the range tried (``lr_at_edge``)."""
-    return {"up": " ^", "down": " v"}.get(entry.lr_at_edge or "", "")
+TABLE = [("B", "B"), ("best lr", "lr"), ("steps to target ±sd(log)", "steps"), ("seeds' steps", "seeds"),
+         ("samples", "samples"), ("ms/step", "ms"), ("samples/s", "samples_s"), ("time to target (s)", "time"),
+         ("regret [low-high]", "regret"), ("measured / fitted regret", "measured_fitted"), ("band", "band"),
+         ("flags", "flags")]
 
 
-def headline(result: StudyResult) -> list[str]:
-    """The answer in a few lines, for the terminal and the top of the report."""
-    s = result
-    lines = []
-    if s.recommended_batch_size is None:
-        lines.append(f"No recommendation: {s.recommended_by}.")
-    else:
-        lines.append(f"Recommended batch size: {s.recommended_batch_size} at lr {fmt(s.recommended_lr)} "
-                     f"({s.recommended_by}).")
-    if not s.quick and s.within_10_percent:
-        lines.append(f"Within 10% of the best time to target: {s.within_10_percent}.")
-    if not s.quick and s.lr_at_edge:
-        lines.append(f"The best learning rate sat at an edge of the range tried for B = {s.lr_at_edge} (marked ^ "
-                     "or v in the table): a better one may lie beyond it; widen --lr_factors or raise --lr_extend.")
-    if not s.quick and s.b_crit is not None:
-        lines.append(f"Fitted S(B) = S_min (1 + B_crit / B): S_min = {fmt(s.s_min)} steps, "
-                     f"B_crit = {fmt(s.b_crit)}, E_min = {fmt(s.e_min)} samples; "
-                     f"the model's sqrt(B_crit alpha / beta) = {fmt(s.model_b_star)}.")
-    lines.append(f"Gradient noise scale B_simple = {fmt(s.b_simple)} ({s.b_simple_method} gradients); "
-                 f"step time t(B) = {fmt(s.alpha_s * 1e3)} ms + {fmt(s.beta_s * 1e6)} us x B; "
-                 f"quick answer sqrt(B_simple alpha / beta) = {fmt(s.quick_b_star)} -> "
-                 f"{s.quick_recommended_batch_size}"
-                 + (f", regret {fmt(s.quick_regret, 3)}" if s.quick_regret is not None else "") + ".")
-    diverged, steps = s.reference_diverged_at, s.b_simple_steps
-    if diverged is not None or steps == [0]:
-        why, fix = ((f"the noise scale's reference run diverged at step {diverged}", "lower --base_lr")
-                    if diverged is not None else
-                    ("the noise scale's reference run ended before its first point of training", "lower --gns_steps"))
-        where = ("from the initial weights alone, not from training" if steps == [0]
-                 else f"from the points before it (steps {steps})")
-        lines.append(f"Warning: {why}, so B_simple is {where}: {fix} for a trustworthy quick answer.")
-    if s.b_simple_ranks is not None and s.b_simple_method != "ranks":
-        lines.append(f"From the DDP ranks' gradient norms alone (B_small = one rank's batch): B_simple = "
-                     f"{fmt(s.b_simple_ranks)}, a far noisier estimate of the same quantity.")
-    memory = (f"memory allows up to {s.memory_max_batch_size}" if s.memory_bound
-              else "memory did not bound the grid (not memory-bound on this device)")
-    ranks = s.world_size
-    device = f"{s.device} x {ranks} ranks (DDP: every B is global, B / {ranks} per rank)" if ranks > 1 else s.device
-    lines.append(f"Device {device}; {memory}; {s.train_samples} training samples.")
-    if not s.quick:
-        regret = s.regret or {}
-        seeds = [f"B={b}: {fmt(regret[b], 3)}x" for b in (2, 32) if b in regret]
-        if seeds:
-            lines.append("Regret T(B)/T(best) of common choices: " + ", ".join(seeds) + ".")
-    return lines
+def _table(result: StudyResult) -> list[str]:
+    out = ["| " + " | ".join(h for h, _ in TABLE) + " |", "|" + "---:|" * (len(TABLE) - 2) + ":---|:---|"]
+    for row in answer.rows(result):
+        out.append("| " + " | ".join(row[k] for _, k in TABLE) + " |")
+    return out + ["", "Steps to target: the geometric mean over the seeds at the chosen LR, made non-increasing in "
+                      "B, ± the seeds' standard deviation in log steps (each seed's own luck taken out); a seed's "
+                      "steps are - where it did not reach the target (stopped early, or failed). Regret: time to "
+                      "target over the best's, and one standard error either way; measured from the seeds' steps "
+                      "as they were, fitted from S(B). An lr marked ^ or v sat at the top or bottom of the LRs "
+                      "tried.", ""]
+
+
+def _figure(name: str, plots: list[str]) -> list[str]:
+    return [f"![{name}]({name})", ""] if name in plots else []
 
 
 def markdown(result: StudyResult, plots: list[str]) -> str:
     s, gns = result, result.noise_scale
     out = ["# Batch-size study" + (" (quick)" if s.quick else ""), ""]
-    out += [f"- {line}" for line in headline(s)]
-    out += ["", f"Target: `{s.monitor}` {'<=' if s.mode == 'min' else '>='} {fmt(s.target)}; "
-                f"learning rate centred by the `{s.lr_rule}` rule from lr {fmt(s.base_lr)} at batch size "
-                f"{s.base_batch_size}.", ""]
+    out += [f"- **{line}**" for line in answer.answer(s)]
+    out += [f"- {line}" for line in answer.notes(s) + answer.details(s)]
+    out += ["", f"Target: `{target_text(s)}`; learning rate centred by the `{s.lr_rule}` rule from lr "
+                f"{fmt(s.base_lr)} at batch size {s.base_batch_size}.", ""]
     if not s.quick:
-        out += ["| B | best lr | steps to target | samples | ms/step | samples/s | time to target (s) | regret |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for e in s.batch_sizes:
-            mark = " **best**" if e.batch_size == s.recommended_batch_size else ""
-            steps = fmt(e.steps) if e.steps is not None else "never (" + ", ".join(e.never_reached or []) + ")"
-            out.append(f"| {e.batch_size}{mark} | {fmt(e.lr)}{_edge_mark(e)} | {steps} | {fmt(e.samples)} | "
-                       f"{fmt(e.step_s * 1e3)} | {fmt(e.samples_per_s)} | {fmt(e.time_to_target_s)} | "
-                       f"{fmt(e.regret, 3)} |")
-        out.append("")
+        out += ["## Time to target", "",
+                "Time to target T(B) = S(B) x t(B): steps to target at each batch size's chosen LR times its time "
+                "per step. The shaded span is the band, the batch sizes within 10% of the best time within one "
+                "standard error; hollow points are flagged (see the table).", ""]
+        out += _figure("time_to_target.png", plots)
+        out += _table(s)
+        out += ["## Steps to target", "",
+                "Each seed's steps to target (grey ticks), their geometric mean with one standard error, and "
+                "S(B) = S_min (1 + B_crit / B) fitted in log space: "
+                + (s.fit.note if s.fit is not None else "not fitted") + ".", ""]
+        out += _figure("steps_to_target.png", plots)
+    out += ["## Throughput", "",
+            f"Time per step t(B) = alpha + beta B, alpha = {fmt(s.alpha_s * 1e3)} ms, beta = {fmt(s.beta_s * 1e6)} "
+            "us per sample, fitted to the fastest round of each batch size.", ""]
+    out += _figure("throughput.png", plots)
+    if not s.quick:
+        out += ["## Validation curves", "",
+                f"`{s.monitor}` against samples seen at each batch size's chosen LR, coloured by B: the study's "
+                "seed solid, the other seeds thin; the dotted line is the target.", ""]
+        out += _figure("curves.png", plots)
     out += ["## Gradient noise scale along the reference run", "",
             f"Reference run at batch size {gns.reference_batch_size}, lr {fmt(gns.reference_lr)}; each "
             f"point averages {gns.batches_per_point} batches of {gns.estimate_batch_size} "
@@ -129,8 +114,9 @@ def markdown(result: StudyResult, plots: list[str]) -> str:
             f"separately over the points at steps {gns.averaged_steps}: the initial weights (step 0) "
             "are shown but left out where later points exist, their |G|^2 being far above any later one. Near the "
             "target |G|^2 shrinks and B_simple grows large and noisy: read the early points and the averaged "
-            "value.", "",
-            "| step | samples seen | monitored | B_simple | B_simple (EMA) |", "|---:|---:|---:|---:|---:|"]
+            "value.", ""]
+    out += _figure("noise_scale.png", plots)
+    out += ["| step | samples seen | monitored | B_simple | B_simple (EMA) |", "|---:|---:|---:|---:|---:|"]
     ranks = gns.has_rank_estimate
     if ranks:  # under DDP, the ranks' own estimate beside the study's
         out[-2:] = [out[-2] + " B_simple (ranks' norms) |", out[-1] + "---:|"]
@@ -138,48 +124,21 @@ def markdown(result: StudyResult, plots: list[str]) -> str:
         out.append(f"| {p.step} | {p.samples_seen} | {fmt(p.value)} | {fmt(p.b_simple)} | "
                    f"{fmt(p.b_simple_ema)} |" + (f" {fmt(p.ranks_b_simple)} |" if ranks else ""))
     out.append("")
-    for name in plots:
-        out += [f"![{name}]({name})", ""]
     return "\n".join(out)
 
 
-def _tensorboard(result: StudyResult) -> list[Path]:
-    """One run per (B, best LR), written once: a run folder that exists already is left as it is."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    root = Path(result.folder)
-    written = []
-    per_b = {e.batch_size: e for e in result.batch_sizes}
-    for t in best_trials(result):
-        version = f"bs{t.batch_size:07d}"
-        if (root / "tensorboard" / version).exists():
-            continue
-        logger = TensorBoardLogger(str(root), name="tensorboard", version=version, default_hp_metric=False)
-        for p in t.curve:
-            if p.value is not None:
-                logger.log_metrics({f"{result.monitor}_vs_samples": p.value}, step=p.samples)
-                logger.log_metrics({f"{result.monitor}_vs_steps": p.value}, step=p.step)
-        e = per_b[t.batch_size]
-        logger.log_hyperparams(
-            {"batch_size": t.batch_size, "lr": t.lr, "lr_factor": t.lr_factor},
-            metrics={"hp/steps_to_target": e.steps, "hp/time_to_target_s": e.time_to_target_s,
-                     "hp/samples_per_s": e.samples_per_s, "hp/regret": e.regret},
-        )
-        logger.finalize("success")
-        written.append(root / "tensorboard" / version)
-    return written
+PRINTED = [("B", "B", 7), ("lr", "lr", 11), ("steps ±sd", "steps", 14), ("ms/step", "ms", 8),
+           ("time (s)", "time", 9), ("regret [low-high]", "regret", 20), ("band", "band", 5), ("flags", "flags", 0)]
 
 
 def format_study(result: StudyResult) -> str:
-    """What ``batchlab study`` prints at the end."""
+    """What ``batchlab study`` prints at the end: the answer, band and cost first, then the table."""
     lines = ["", "batchlab study" + (" (quick)" if result.quick else "")]
-    lines += [f"  {line}" for line in headline(result)]
+    lines += [f"  {line}" for line in answer.headline(result)]
     if not result.quick:
-        lines.append("  B        lr          steps    ms/step   time to target   regret")
-        for e in result.batch_sizes:
-            lr = fmt(e.lr) + _edge_mark(e)
-            lines.append(f"  {e.batch_size:<8} {lr:<11} {fmt(e.steps):<8} "
-                         f"{e.step_s * 1e3:<9.3f} {fmt(e.time_to_target_s):<16} {fmt(e.regret, 3)}")
+        lines.append("  " + " ".join(f"{h:<{w}}" for h, _, w in PRINTED).rstrip())
+        for row in answer.rows(result):
+            lines.append("  " + " ".join(f"{row[k]:<{w}}" for _, k, w in PRINTED).rstrip())
     lines.append(f"  folder   {result.folder}")
     if not result.quick:
         lines.append(f"  report   {result.folder}/report.md; tensorboard --logdir {result.folder}")
