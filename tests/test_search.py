@@ -191,3 +191,16 @@ def test_the_band_widens_with_the_spread_and_stays_contiguous(se, expected):
     # A B out of the band ends it on its side, even where one beyond is within the noise again.
     log_t[16] = math.log(3.0)
     assert band.band(grid, log_t, {b: se for b in log_t}, 32) == [b for b in expected if b >= 32]
+
+
+def test_step_times_are_made_non_decreasing_in_b_keeping_what_was_measured():
+    from batchlab.study.results import Throughput
+    from batchlab.study.throughput import monotone
+
+    measured = {8: 1.0e-3, 64: 1.2e-3, 512: 2.0e-3, 1024: 1.5e-3, 4096: 4.0e-3}  # 512 spoilt by other work
+    out = monotone([Throughput(b, t, b / t, [t]) for b, t in measured.items()])
+    steps = [t.step_s for t in out]
+    assert steps == sorted(steps) and steps[0] == 1.0e-3 and steps[-1] == 4.0e-3
+    assert steps[2] == steps[3] == pytest.approx(math.sqrt(2.0e-3 * 1.5e-3)), "pooled in log time"
+    assert all(t.samples_per_s == pytest.approx(t.batch_size / t.step_s) for t in out)
+    assert [t.rounds_s for t in out] == [[t] for t in measured.values()]

@@ -35,7 +35,7 @@ from batchlab.study.report import write_report
 from batchlab.study.results import FORMAT, StudyResult
 from batchlab.study.search import search_all
 from batchlab.study.settings import StudySettings
-from batchlab.study.throughput import measure_throughput
+from batchlab.study.throughput import measure_throughput, monotone
 
 
 class Study:
@@ -133,7 +133,7 @@ class Study:
         self._bar = tqdm(total=total, desc="batchlab study", unit="run", dynamic_ncols=True,
                          disable=not self.ranks.is_global_zero)
         try:
-            throughput = measure_throughput(self, grid)
+            throughput = monotone(measure_throughput(self, grid))
             noise = measure_noise_scale(self, b_big)
             searcher = None
             if not s.quick:

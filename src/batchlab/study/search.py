@@ -65,9 +65,9 @@ class BatchSizeSearch:
         return [first, *(t for t in self.repeats if t.lr == first.lr)] if first else []
 
     def failed(self, lr: Optional[float] = None) -> int:
-        """How many of the runs at ``lr`` failed: diverged, stalled or ran their whole ``--max_steps`` (not those
-        stopped early because they could no longer win)."""
-        return sum(t.status in ("diverged", "stalled", "budget") for t in self.runs(lr))
+        """How many of the runs at ``lr`` failed: diverged, stalled, ran their whole ``--max_steps`` or passed their
+        seed's time cut (not those pruned because another LR had already won)."""
+        return sum(t.status in ("diverged", "stalled", "budget", "slow") for t in self.runs(lr))
 
     def open_side(self) -> Optional[Side]:
         """The side of the best LR on which no worse LR ran (None: bracketed); without a best, where to look:
@@ -121,13 +121,14 @@ class Searcher:
         times = [x.best.steps * self.step_s[b] for b, x in self.searches.items() if x.best]
         return min(times, default=None)
 
-    def _trial(self, b: int, factor: float, seed: Optional[int] = None, budget: Optional[int] = None) -> Trial:
+    def _trial(self, b: int, factor: float, seed: Optional[int] = None, budget: Optional[int] = None,
+               stopped_as: Status = "budget") -> Trial:
         """One trial at ``b``: from the study's seed with the search's budget (pruned at this B's best so far, and
-        cut for time), or from another ``seed`` at ``budget`` (or the whole ``--max_steps``)."""
+        cut for time), or from another ``seed`` at ``budget`` (or the whole ``--max_steps``), stopped there as
+        ``stopped_as``."""
         s, here = self.study.settings, self.searches[b]
-        stopped_as: Status = "budget"
-        if budget is not None and budget < s.max_steps:
-            stopped_as = "pruned"
+        if budget is None or budget >= s.max_steps:
+            stopped_as = "budget"
         budget = min(budget or s.max_steps, s.max_steps)
         best = here.best
         if seed is None and best is not None and best.steps < budget:
@@ -223,17 +224,21 @@ class Searcher:
         for seed in self.study.seeds[1:]:
             if any(t.lr == trial.lr and t.seed == seed for t in here.repeats):
                 continue
-            budget = s.max_steps
+            # Past that seed's time cut this B cannot enter that seed's band ("slow", a failure here); past twice
+            # the rival's steps the LR cannot win ("pruned").
+            budget, stopped_as = s.max_steps, "budget"
             own = [t.steps * self.step_s[t.batch_size] for x in self.searches.values() for t in x.repeats
                    if t.seed == seed and t.reached]
             if own:
-                budget = min(budget, max(s.check_every, int(s.stop_regret * min(own) / self.step_s[here.batch_size]
-                                                            / s.check_every) * s.check_every))
+                cut = max(s.check_every, int(s.stop_regret * min(own) / self.step_s[here.batch_size]
+                                             / s.check_every) * s.check_every)
+                budget, stopped_as = (cut, "slow") if cut < budget else (budget, stopped_as)
             if against is not None:
                 rival = next((t for t in here.repeats if t.lr == against.lr and t.seed == seed and t.reached), None)
-                budget = min(budget, 2 * rival.steps) if rival else budget
+                if rival and 2 * rival.steps < budget:
+                    budget, stopped_as = 2 * rival.steps, "pruned"
             self.study.add_to_total(1)
-            self._trial(here.batch_size, trial.lr_factor, seed, budget)
+            self._trial(here.batch_size, trial.lr_factor, seed, budget, stopped_as)
 
     def estimates(self) -> tuple[dict[int, band.Estimate], Optional[float]]:
         """Every B's steps to target over its seeds, and the spread (``batchlab.study.band.estimates``)."""

@@ -1,10 +1,12 @@
 """Throughput: the steady-state time per optimizer step t(B) of a real Lightning fit at every batch size of the
-grid, which the study fits by alpha + beta B. Each round of each batch size is one measurement in the study's
+grid, which the study fits by alpha + beta B, and uses made non-decreasing in B (``monotone``). Each round of each batch size is one measurement in the study's
 folder (``throughput/bs<B>-round<R>.json``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -59,3 +61,23 @@ def _time_steps(study: Study, batch_size: int, round_: int) -> StepTiming:
     timing = study.folder.measured(f"throughput/bs{batch_size}-round{round_}", measure, StepTiming.from_json)
     study.tick()
     return timing
+
+
+def monotone(throughput: list[Throughput]) -> list[Throughput]:
+    """The step times made non-decreasing in B (pooled adjacent violators, in log time), as the search and the
+    answer use them: a larger batch does at least the work of a smaller one per step, so a larger B measured
+    faster is a burst of other work on a shared machine spoiling the smaller B's rounds, which would otherwise move
+    the band. Each keeps its measured rounds (``rounds_s``)."""
+    from batchlab.study.band import non_increasing
+
+    pooled = non_increasing({t.batch_size: -math.log(t.step_s) for t in throughput}, {t.batch_size: 1.0 for t in
+                                                                                      throughput})
+    out = []
+    for t in throughput:
+        value, weight = pooled[t.batch_size]
+        if weight == 1.0:  # in order already: kept exactly as measured
+            out.append(t)
+            continue
+        step_s = math.exp(-value)
+        out.append(dataclasses.replace(t, step_s=step_s, samples_per_s=t.batch_size / step_s))
+    return out
