@@ -191,3 +191,28 @@ def test_optimal_batch_size_and_nearest_grid_point():
     assert nearest_in_grid(300.0, [1, 2, 4, 256, 512]) == 256
     assert nearest_in_grid(400.0, [1, 2, 4, 256, 512]) == 512
     assert nearest_in_grid(math.inf, [1, 2, 4]) == 4 and nearest_in_grid(0.1, [1, 2, 4]) == 1
+
+
+class _Attention(nn.Module):
+    """Causal self-attention through scaled_dot_product_attention, which torch.func has no CPU batching rule for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unsqueeze(1).chunk(3, dim=-1)  # (batch, heads, time, width), as attention has it
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_per_example_gradients_refuse_vmaps_slow_fallback_instead_of_warning(recwarn):
+    """Pins torch's private switch (``torch._C._functorch._set_vmap_fallback_enabled``): where per-example gradients
+    would need vmap's fallback they raise at once, silently, and the switch is put back afterwards."""
+    model = _Attention()
+    x = torch.randn(4, 5, 8)
+    was = torch._C._functorch._is_vmap_fallback_enabled()
+    with pytest.raises(RuntimeError, match="hit the vmap fallback"):
+        per_example_gradients(model, lambda b: model(b[0]).pow(2).mean(), (x,))
+    assert torch._C._functorch._is_vmap_fallback_enabled() == was
+    assert not [w for w in recwarn if "performance drop" in str(w.message)]
+    two_batch_noise(model, lambda b: model(b[0]).pow(2).mean(), (x,), 2)  # plain autograd is fine

@@ -17,7 +17,8 @@ Written here because no library computes these: they are a few lines of algebra 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -67,7 +68,8 @@ def per_example_noise(module: nn.Module, loss_fn: LossFn, batch: tuple[Tensor, .
 
     ``loss_fn(batch)`` returns the mean loss of a batch, computed with ``module``'s parameters; per-example
     gradients come from ``torch.func.vmap`` over ``torch.func.grad``. Raises whatever torch.func raises where the
-    model cannot be vmapped (batch norm in training mode, data-dependent control flow...).
+    model cannot be vmapped (batch norm in training mode, data-dependent control flow...) or where vmap would
+    fall back to its slow path (``refusing_vmap_fallback``).
     """
     mean_grad, per_example_sq = per_example_gradients(module, loss_fn, batch)
     return estimate_from_norms(per_example_sq, mean_grad.pow(2).sum().item(), 1, len(batch[0]))
@@ -84,9 +86,31 @@ def per_example_gradients(module: nn.Module, loss_fn: LossFn, batch: tuple[Tenso
     def example_loss(p: dict[str, Tensor], *example: Tensor) -> Tensor:
         return functional_call(wrapper, (p, buffers), args=(tuple(t.unsqueeze(0) for t in example),))
 
-    grads = vmap(grad(example_loss), in_dims=(None, *([0] * len(batch))))(params, *batch)
+    with refusing_vmap_fallback():
+        grads = vmap(grad(example_loss), in_dims=(None, *([0] * len(batch))))(params, *batch)
     per_example_sq = sum(g.flatten(1).pow(2).sum(1) for g in grads.values())  # |g_i|^2, shape (B,)
     return torch.cat([g.mean(0).reshape(-1) for g in grads.values()]), per_example_sq.mean().item()
+
+
+@contextmanager
+def refusing_vmap_fallback() -> Iterator[None]:
+    """Inside the block, an operator torch.func has no batching rule for (CPU scaled-dot-product attention in
+    torch 2.13, say) raises instead of running vmap's fallback, a loop over the batch in Python that also warns
+    once per operator: per-example gradients would then cost more than the two-batch estimate they stand for.
+
+    torch.func has no public switch for this: ``torch._C._functorch._set_vmap_fallback_enabled`` is private
+    (pinned by tests/test_scaling.py); a torch without it runs the fallback as before.
+    """
+    functorch = torch._C._functorch
+    if not hasattr(functorch, "_set_vmap_fallback_enabled"):
+        yield
+        return
+    was = functorch._is_vmap_fallback_enabled()
+    functorch._set_vmap_fallback_enabled(False)
+    try:
+        yield
+    finally:
+        functorch._set_vmap_fallback_enabled(was)
 
 
 class _LossModule(nn.Module):

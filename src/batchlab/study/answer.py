@@ -140,6 +140,9 @@ def details(result: StudyResult) -> list[str]:
                  f"quick answer sqrt(B_simple alpha / beta) = {fmt(s.quick_b_star)} -> "
                  f"{s.quick_recommended_batch_size}"
                  + (f", regret {fmt(s.quick_regret, 3)}" if s.quick_regret is not None else "") + ".")
+    if s.b_simple_method_reason:
+        lines.append(f"Per-example gradients were not used: {s.b_simple_method_reason}; gradient norms at two "
+                     "batch sizes stand in (the same quantity, a noisier estimate).")
     diverged, steps = s.reference_diverged_at, s.b_simple_steps
     if diverged is not None or steps == [0]:
         why, fix = ((f"the noise scale's reference run diverged at step {diverged}", "lower --base_lr")

@@ -1,14 +1,17 @@
 """The gradient noise scale B_simple along a reference run: a fit at the base batch size and the centre LR,
 whose weights are kept at ``--gns_points`` steps; at each, the noise estimates of ``batchlab.scaling`` on a few
 large batches (``--gns_batch_size``). Per-example gradients where torch.func can vmap the model, gradient norms
-at two batch sizes where it cannot; under DDP the ranks' own gradients give a second estimate. One measurement
-in the study's folder (``gns.json``).
+at two batch sizes where it cannot, or where vmap would fall back to its slow path (an operator without a batching
+rule, as CPU attention has: the two-batch estimate is then the cheaper by far, and no warning is printed); the
+reason is kept beside the method. Under DDP the ranks' own gradients give a second estimate. One measurement in the
+study's folder (``gns.json``).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import re
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -72,10 +75,11 @@ def _measure(study: Study, b_big: int) -> NoiseScale:
     batches = _noise_batches(study, b_big, device)
     probe = copy.deepcopy(study.fitter.model).to(device)
     curve = {p.step: p.value for p in recorder.curve}
-    points, finite, method = [], {}, None
+    points, finite, method, why = [], {}, None, None
     for step, state in snapshots.states:
         probe.load_state_dict(state)
-        estimates, method = _noise_samples(study, probe, batches, method)
+        estimates, method, not_per_example = _noise_samples(study, probe, batches, method)
+        why = why or not_per_example
         if all(math.isfinite(x.g2) and math.isfinite(x.trace) for xs in estimates.values() for x in xs):
             finite[step] = estimates
         mean = {name: (sum(x.g2 for x in xs) / len(xs), sum(x.trace for x in xs) / len(xs), scaling.b_simple(xs))
@@ -106,7 +110,7 @@ def _measure(study: Study, b_big: int) -> NoiseScale:
         b_simple=scaling.b_simple(pooled[method]), method=method, reference_batch_size=b_ref,
         reference_lr=study.centre_lr(b_ref), estimate_batch_size=b_big, batches_per_point=len(batches),
         averaged_steps=[p.step for p in used], reference_diverged_at=recorder.diverged_at, points=points,
-        rank_batch_size=b_big // w if w > 1 else None,
+        method_reason=why, rank_batch_size=b_big // w if w > 1 else None,
         b_simple_ranks=scaling.b_simple(pooled["ranks"]) if w > 1 else None,
     )
 
@@ -128,30 +132,33 @@ def _noise_batches(study: Study, b_big: int, device: torch.device) -> list[Any]:
 
 
 def _noise_samples(study: Study, probe: LightningModule, batches: list[Any],
-                   method: Optional[str]) -> tuple[Samples, str]:
-    """Noise estimates from each batch, by method; the method the study uses is returned beside them."""
+                   method: Optional[str]) -> tuple[Samples, str, Optional[str]]:
+    """Noise estimates from each batch, by method; the method the study uses is returned beside them, and why
+    per-example gradients were not, where they were tried and failed."""
     def loss_fn(batch: Any) -> Tensor:
         out = probe.training_step(batch, 0)
         return out["loss"] if isinstance(out, dict) else out
 
+    why = None
     with quiet_lightning(), torch.enable_grad():
         if study.fitter.ranks.world_size > 1:
             return _data_parallel_samples(study, probe, loss_fn, batches, method)
         if method in (None, "per_example") and all(_tensor_tuple(b) for b in batches):
             try:
                 return {"per_example": [scaling.per_example_noise(probe, loss_fn, tuple(b))
-                                        for b in batches]}, "per_example"
-            except Exception:  # noqa: BLE001 - any model torch.func cannot vmap falls back to plain autograd
+                                        for b in batches]}, "per_example", None
+            except Exception as err:  # noqa: BLE001 - any model torch.func cannot vmap falls back to plain autograd
                 if method == "per_example":
                     raise
+                why = _why_not_per_example(err)
         b_big = extract_batch_size(batches[0])
         b_small = max(1, b_big // 16)
         return {"two_batch": [scaling.two_batch_noise(probe, loss_fn, _as_tuple(b), b_small)
-                              for b in batches]}, "two_batch"
+                              for b in batches]}, "two_batch", why
 
 
 def _data_parallel_samples(study: Study, probe: LightningModule, loss_fn: Any, batches: list[Any],
-                           method: Optional[str]) -> tuple[Samples, str]:
+                           method: Optional[str]) -> tuple[Samples, str, Optional[str]]:
     """Under DDP each rank differentiates its own slice of every batch. The ranks' gradient norms give the
     estimate DDP gets for free (``ranks``: B_small = one rank's batch, B_big = the global batch); where
     torch.func can vmap the model, per-example gradients on each rank give the study's estimate, the same as
@@ -169,15 +176,16 @@ def _data_parallel_samples(study: Study, probe: LightningModule, loss_fn: Any, b
     # Whether vmap works is the same on every rank (the same model and batches), so every rank takes the same
     # collectives.
     per_example = method in (None, "per_example") and all(_tensor_tuple(b) for b in batches)
+    why = None
     for batch in batches:
         local = _rows(batch, rank * b_local, (rank + 1) * b_local)
         if per_example:
             try:
                 grad, example_sq = scaling.per_example_gradients(probe, loss_fn, tuple(local))
-            except Exception:  # noqa: BLE001 - as on one device, fall back to plain autograd
+            except Exception as err:  # noqa: BLE001 - as on one device, fall back to plain autograd
                 if method == "per_example":
                     raise
-                per_example = False
+                per_example, why = False, _why_not_per_example(err)
         if per_example:
             out["per_example"].append(scaling.data_parallel_noise(grad, example_sq, 1, b_big, mean_over_ranks))
         else:
@@ -186,7 +194,19 @@ def _data_parallel_samples(study: Study, probe: LightningModule, loss_fn: Any, b
                                                         mean_over_ranks))
     if not per_example:
         del out["per_example"]
-    return out, "per_example" if per_example else "ranks"
+    return out, "per_example" if per_example else "ranks", why
+
+
+def _why_not_per_example(err: Exception) -> str:
+    """Why per-example gradients were not used, in a line. The estimator is chosen the same whatever the
+    message says: its text only words the report."""
+    lines = str(err).strip().splitlines()
+    first = lines[0][:200] if lines else type(err).__name__
+    slow = re.search(r"(aten::\w+) hit the vmap fallback", first)
+    if slow:
+        return (f"torch.func has no batching rule for {slow.group(1)}, so per-example gradients would run vmap's "
+                "slow fallback")
+    return f"torch.func cannot vmap the model ({type(err).__name__}: {first})"
 
 
 def _rows(batch: Any, start: int, stop: int) -> Any:

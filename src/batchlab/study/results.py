@@ -124,6 +124,9 @@ class NoiseScale:
     averaged_steps: list[int]
     reference_diverged_at: Optional[int]
     points: list[NoisePoint]
+    # Why per-example gradients were not used, where they were tried and failed (torch.func cannot vmap the
+    # model, or only through its slow fallback).
+    method_reason: Optional[str] = _only_if(lambda n: n.method_reason is not None)
     # Under DDP: one rank's share of the estimate's batch, and the estimate from the ranks' gradient norms alone.
     rank_batch_size: Optional[int] = _only_if(lambda n: n.rank_batch_size is not None)
     b_simple_ranks: Optional[float] = _only_if(lambda n: n.rank_batch_size is not None)
@@ -262,6 +265,7 @@ class StudyResult:
     trials: list[Trial] = field(metadata=_NOT_IN_SUMMARY)  # in the order run
     noise_scale: NoiseScale = field(metadata=_NOT_IN_SUMMARY)
     cost: Optional[StudyCost] = None
+    b_simple_method_reason: Optional[str] = _only_if(lambda r: r.b_simple_method_reason is not None)
     seeds: list[int] = field(default_factory=list, metadata={"json_if": _full})
     # The pooled standard deviation of log(steps to target) between seeds at one B and LR.
     spread: Optional[float] = _only_if(_full)
