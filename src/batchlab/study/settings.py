@@ -17,6 +17,9 @@ from batchlab.errors import FiniteFloat, NonNegativeInt, PositiveFloat, Positive
 
 # Settings that say where and how to run, not what is measured: a rerun may change them.
 NOT_IN_FINGERPRINT = ("quick", "out", "fresh")
+# Settings added after folder format 2, fingerprinted only where they differ from their defaults, so that a folder
+# made before them (which measured as their defaults do) keeps matching.
+ADDED_SINCE_FORMAT_2 = ("throughput_seconds",)
 
 
 @dataclass
@@ -50,6 +53,8 @@ class StudySettings:
         warmup_steps: Steps excluded from the timing of each throughput run.
         throughput_steps: Steps timed per batch size in each round.
         throughput_rounds: Passes over the grid; each B keeps its fastest (robust to a busy machine).
+        throughput_seconds: Where steps are long, fewer of them: a throughput run's warm-up ends once it has taken
+            this many seconds, and its timing once its timed steps (at least 3) add up to this many.
         gns_batch_size: Batch size of the gradient-noise estimates (large is better); default min(1024, data).
         gns_points: Points of the reference run at which the noise scale is measured (at least 2).
         gns_steps: Length of the reference run (it stops earlier at the target).
@@ -77,6 +82,7 @@ class StudySettings:
     warmup_steps: PositiveInt = 5
     throughput_steps: PositiveInt = 10
     throughput_rounds: PositiveInt = 3
+    throughput_seconds: PositiveFloat = 0.5
     gns_batch_size: Optional[PositiveInt] = None
     gns_points: PositiveInt = 8
     gns_steps: PositiveInt = 200
@@ -100,4 +106,6 @@ class StudySettings:
     def fingerprint(self, seed: int) -> dict[str, Any]:
         """What the study measures, as its folder's ``study.json`` records it: the settings less where and how to
         run, and the seed every fit starts from."""
-        return {**{k: v for k, v in asdict(self).items() if k not in NOT_IN_FINGERPRINT}, "seed": seed}
+        defaults = {f.name: f.default for f in fields(self)}
+        return {**{k: v for k, v in asdict(self).items() if k not in NOT_IN_FINGERPRINT
+                   and not (k in ADDED_SINCE_FORMAT_2 and v == defaults[k])}, "seed": seed}

@@ -1,6 +1,7 @@
 """Throughput: the steady-state time per optimizer step t(B) of a real Lightning fit at every batch size of the
-grid, which the study fits by alpha + beta B, and uses made non-decreasing in B (``monotone``). Each round of each batch size is one measurement in the study's
-folder (``throughput/bs<B>-round<R>.json``).
+grid, which the study fits by alpha + beta B, and uses made non-decreasing in B (``monotone``); where a step is
+long, fewer steps are timed (``--throughput_seconds``). Each round of each batch size is one measurement in the
+study's folder (``throughput/bs<B>-round<R>.json``).
 """
 
 from __future__ import annotations
@@ -20,20 +21,40 @@ if TYPE_CHECKING:
 
 
 class StepTimer(Callback):
-    """Times optimizer steps after ``warmup`` of them, from one ``on_train_batch_end`` to the next (the whole
-    step: data, forward, backward, optimizer, hooks), synchronising the GPU so that queued work is counted."""
+    """Times optimizer steps after a warm-up, from one ``on_train_batch_end`` to the next (the whole step: data,
+    forward, backward, optimizer, hooks), synchronising the GPU so that queued work is counted.
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
+    Args:
+        warmup: Steps left out of the timing (the first, timed from the start of training, always is).
+        seconds: Where steps are long, fewer of them: the warm-up ends once it has taken this long (from the start
+            of training), and the fit stops once at least 3 timed steps add up to this. A step of a large model at
+            a large batch takes seconds, and its time varies far less than a step of milliseconds, so a few of
+            them are enough.
+    """
+
+    def __init__(self, warmup: int, seconds: float = math.inf) -> None:
+        self.warmup, self.seconds = warmup, seconds
         self.times: list[float] = []
         self._last: Optional[float] = None
+        self._warming, self._warm_s = True, 0.0
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last = time.perf_counter()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         now = time.perf_counter()
-        if self._last is not None and trainer.global_step > self.warmup:
-            self.times.append(now - self._last)
+        if self._last is not None:
+            step_s = now - self._last
+            if self._warming and (trainer.global_step > self.warmup or self._warm_s >= self.seconds):
+                self._warming = False
+            if self._warming:
+                self._warm_s += step_s
+            else:
+                self.times.append(step_s)
+                if len(self.times) >= 3 and sum(self.times) >= self.seconds:
+                    trainer.should_stop = True
         self._last = now
 
 
@@ -50,7 +71,7 @@ def measure_throughput(study: Study, grid: list[int]) -> list[Throughput]:
 def _time_steps(study: Study, batch_size: int, round_: int) -> StepTiming:
     def measure() -> StepTiming:
         s = study.settings
-        timer = StepTimer(s.warmup_steps)
+        timer = StepTimer(s.warmup_steps, s.throughput_seconds)
         study.fitter.fit(batch_size, study.centre_lr(batch_size), [timer], s.warmup_steps + s.throughput_steps + 1,
                          None)
         times = sorted(timer.times)
