@@ -11,6 +11,7 @@ short run approaches: about 0.5 nats per character, against ln(28) = 3.3 for a u
 
 from __future__ import annotations
 
+import functools
 import random
 
 import torch
@@ -46,6 +47,16 @@ def grammar_text(n_chars: int, seed: int) -> str:
     return "".join(parts)
 
 
+@functools.lru_cache(maxsize=4)
+def grammar_windows(n_sequences: int, seq_len: int, seed: int) -> Tensor:
+    """The text as ``(n_sequences, seq_len + 1)`` indices into ``ALPHABET``; kept, since a study builds the data
+    anew for every one of its fits."""
+    n = n_sequences * (seq_len + 1)
+    text = grammar_text(n, seed)[:n].encode("ascii")
+    codes = text.translate(bytes.maketrans(ALPHABET.encode("ascii"), bytes(range(len(ALPHABET)))))
+    return torch.frombuffer(bytearray(codes), dtype=torch.uint8).long().view(n_sequences, seq_len + 1)
+
+
 class CharsData(LightningDataModule):
     """``n_sequences`` non-overlapping windows of the grammar's text as ``(input, target)`` character indices, the
     target the input shifted by one.
@@ -72,9 +83,7 @@ class CharsData(LightningDataModule):
         if self.splits:
             return
         hp = self.hparams
-        text = grammar_text(hp.n_sequences * (hp.seq_len + 1), hp.data_seed)
-        codes = torch.tensor([ALPHABET.index(c) for c in text[: hp.n_sequences * (hp.seq_len + 1)]])
-        windows = codes.view(hp.n_sequences, hp.seq_len + 1)
+        windows = grammar_windows(hp.n_sequences, hp.seq_len, hp.data_seed)
         perm = torch.randperm(hp.n_sequences, generator=torch.Generator().manual_seed(hp.data_seed + 1))
         n_val = round(hp.n_sequences * hp.val_fraction)
         val, train = perm[:n_val].sort().values, perm[n_val:].sort().values

@@ -10,6 +10,7 @@ imported only when the data is built.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -19,6 +20,16 @@ from torch import Tensor, nn
 
 from batchlab.data import TensorBatches
 from batchlab.errors import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, check, check_arguments
+
+
+@functools.lru_cache(maxsize=1)
+def digits_tensors() -> tuple[Tensor, Tensor]:
+    """All 1,797 digits as ``(n, 1, 8, 8)`` pixel values 0-16 and their labels; kept, since a study builds the data
+    anew for every one of its fits."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1), torch.tensor(digits.target)
 
 
 class DigitsData(LightningDataModule):
@@ -43,11 +54,7 @@ class DigitsData(LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.splits:
             return
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1)
-        y = torch.tensor(digits.target, dtype=torch.long)
+        x, y = digits_tensors()
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.hparams.data_seed))
         n_val = max(1, round(len(x) * self.hparams.val_fraction))
         val, train = perm[:n_val].sort().values, perm[n_val:].sort().values
