@@ -57,17 +57,35 @@ def test_the_grammar_text_is_the_same_on_every_run_and_in_the_alphabet():
 
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_a_quick_study_of_each_example_runs_from_its_config(name, batchlab, tmp_path):
+    """In seconds and without a warning; the Transformer's attention has no vmap batching rule, so its noise scale
+    comes from gradient norms at two batch sizes, and says why. Both train with Adam-family optimizers, whose
+    noise scale is that of the preconditioned gradients."""
     extra = ["--data.n_sequences", "600"] if name == "chars" else []
     result = batchlab("study", "-c", str(CONFIGS / f"{name}.yaml"), *QUICK_TINY, *extra)
     assert result.code == 0, result.err
-    quick = json.loads((tmp_path / "quick" / "quick.json").read_text())
+    root = tmp_path / "quick"
+    quick, gns = (json.loads((root / f).read_text()) for f in ("quick.json", "gns.json"))
     assert quick["recommended_batch_size"] in quick["grid"] and math.isfinite(quick["b_simple"])
     assert "batchlab study (quick)" in result.out
+    assert "Warning" not in result.err + result.out and "performance drop" not in result.err
+    method = {"digits": "per_example", "chars": "two_batch"}[name]
+    assert gns["method"] == quick["b_simple_method"] == method
+    if name == "chars":
+        assert "no batching rule for aten::_scaled_dot_product" in gns["method_reason"]
+        assert quick["b_simple_method_reason"] == gns["method_reason"]
+        assert "Per-example gradients were not used: torch.func has no batching rule" in result.out
+    else:
+        assert "method_reason" not in gns and "Per-example gradients were not used" not in result.out
+    assert gns["preconditioner"] == quick["b_simple_preconditioner"] == "adam"
+    # Adam has no second moment before its first step: the initial weights' point is raw, every later one not.
+    assert [p.get("preconditioned", False) for p in gns["points"]] == [False] + [True] * (len(gns["points"]) - 1)
+    assert f"{method} gradients, preconditioned by Adam's second moment" in result.out
 
 
 def test_the_digits_example_without_scikit_learn_is_one_line(batchlab, monkeypatch):
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sklearn" else find_spec(name, *a))
     result = batchlab("study", "-c", str(CONFIGS / "digits.yaml"), *QUICK_TINY)
     assert result.code == 2 and "Traceback" not in result.err
     assert result.err.strip().splitlines()[-1].startswith("batchlab: error: the digits example needs scikit-learn")

@@ -1,36 +1,17 @@
-"""The quick study in seconds: the noise estimator it picks where per-example gradients would fall back to vmap's
-slow path (and says why, without a warning), and throughput runs that time fewer steps where a step is long."""
+"""The quick study in seconds: throughput runs that time fewer steps where a step is long, and the raw gradients
+for SGD. The examples' quick studies (tests/test_examples.py) check the noise estimator picked where per-example
+gradients would fall back to vmap's slow path, and the gradients Adam steps by."""
 
 import json
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import CONFIGS
+from conftest import STUDY
 
 from batchlab.study import throughput as timing
 from batchlab.study.settings import StudySettings
 from test_examples import QUICK_TINY
-
-
-def test_a_transformer_gets_the_two_batch_estimate_and_says_why_without_a_warning(batchlab, tmp_path):
-    result = batchlab("study", "-c", str(CONFIGS / "chars.yaml"), *QUICK_TINY, "--data.n_sequences", "600")
-    assert result.code == 0, result.err
-    gns = json.loads((tmp_path / "quick" / "gns.json").read_text())
-    assert gns["method"] == "two_batch"
-    assert "no batching rule for aten::_scaled_dot_product" in gns["method_reason"]
-    quick = json.loads((tmp_path / "quick" / "quick.json").read_text())
-    assert quick["b_simple_method_reason"] == gns["method_reason"]
-    assert "Per-example gradients were not used: torch.func has no batching rule" in result.out
-    assert "Warning" not in result.err + result.out and "performance drop" not in result.err
-
-
-def test_a_model_vmap_handles_keeps_per_example_gradients_and_no_reason(batchlab, tmp_path):
-    result = batchlab("study", "-c", str(CONFIGS / "digits.yaml"), *QUICK_TINY)
-    assert result.code == 0, result.err
-    gns = json.loads((tmp_path / "quick" / "gns.json").read_text())
-    assert gns["method"] == "per_example" and "method_reason" not in gns
-    assert "Per-example gradients were not used" not in result.out
 
 
 class _Clock:
@@ -73,3 +54,13 @@ def test_short_steps_are_timed_as_before_and_long_ones_fewer(monkeypatch):
 def test_the_new_setting_at_its_default_leaves_older_folders_matching():
     assert "throughput_seconds" not in StudySettings(quick=True).fingerprint(0)
     assert StudySettings(quick=True, throughput_seconds=2.0).fingerprint(0)["throughput_seconds"] == 2.0
+
+
+def test_an_sgd_model_is_measured_on_raw_gradients(batchlab, tmp_path):
+    result = batchlab("study", "-c", STUDY, "--data.n_samples", "2304", "--data.val_fraction", "0.111111",
+                      "--data.eval_batch_size", "256", *QUICK_TINY)
+    assert result.code == 0, result.err
+    gns = json.loads((tmp_path / "quick" / "gns.json").read_text())
+    assert gns["preconditioner"] == "none" and not any("preconditioned" in p for p in gns["points"])
+    assert json.loads((tmp_path / "quick" / "quick.json").read_text())["b_simple_preconditioner"] == "none"
+    assert "raw per_example gradients" in result.out and "Adam" not in result.out

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from batchlab.scaling import (
-    NoiseSample, ScalingFit, ThroughputFit, b_simple, ema, estimate_from_norms, fit_steps_log, fit_throughput,
-    data_parallel_noise, local_gradient, nearest_in_grid, optimal_batch_size, per_example_gradients,
+    NoiseSample, ScalingFit, ThroughputFit, adam_preconditioner, b_simple, ema, estimate_from_norms, fit_steps_log,
+    fit_throughput, data_parallel_noise, local_gradient, nearest_in_grid, optimal_batch_size, per_example_gradients,
     per_example_noise, two_batch_noise,
 )
 
@@ -216,3 +216,72 @@ def test_per_example_gradients_refuse_vmaps_slow_fallback_instead_of_warning(rec
     assert torch._C._functorch._is_vmap_fallback_enabled() == was
     assert not [w for w in recwarn if "performance drop" in str(w.message)]
     two_batch_noise(model, lambda b: model(b[0]).pow(2).mean(), (x,), 2)  # plain autograd is fine
+
+
+def _crafted_gradients(b: int = 12, d: int = 5):
+    """A bias-free linear model under the loss mean_i(w . x_i): example i's gradient is x_i itself, whatever w."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(b, d, generator=g, dtype=torch.float64) + 0.5
+    model = nn.Linear(d, 1, bias=False).double()
+    v_hat = torch.rand(1, d, generator=g, dtype=torch.float64) * 4 + 0.1  # a known second moment
+    eps = 1e-8
+    return model, (lambda batch: model(batch[0]).mean()), x, {"weight": v_hat.sqrt() + eps}
+
+
+def test_the_preconditioned_estimates_are_the_hand_computed_ones():
+    """Divided by P = sqrt(v_hat) + eps, the per-example gradients are h_i = x_i / P: tr(Sigma) is their sample
+    variance, |G|^2 their mean's squared norm less tr(Sigma) / B; the two-batch estimate is the same algebra on
+    the chunks' means."""
+    model, loss_fn, x, precond = _crafted_gradients()
+    h = x / precond["weight"]
+    b = len(h)
+    trace = (h - h.mean(0)).pow(2).sum().item() / (b - 1)
+    g2 = h.mean(0).pow(2).sum().item() - trace / b
+    sample = per_example_noise(model, loss_fn, (x,), precond)
+    assert sample.trace == pytest.approx(trace, rel=1e-9) and sample.g2 == pytest.approx(g2, rel=1e-9)
+    assert b_simple([sample]) == pytest.approx(trace / g2, rel=1e-9)
+    raw = per_example_noise(model, loss_fn, (x,))
+    assert raw.trace == pytest.approx((x - x.mean(0)).pow(2).sum().item() / (b - 1), rel=1e-9)
+    assert b_simple([raw]) != pytest.approx(b_simple([sample]), rel=1e-3), "the preconditioner changes the answer"
+
+    chunk_means = h.view(3, 4, -1).mean(1)  # b_small = 4
+    small, big = chunk_means.pow(2).sum(1).mean().item(), h.mean(0).pow(2).sum().item()
+    two = two_batch_noise(model, loss_fn, (x,), 4, precond)
+    assert two.trace == pytest.approx((small - big) / (1 / 4 - 1 / b), rel=1e-9)
+    assert two.g2 == pytest.approx((b * big - 4 * small) / (b - 4), rel=1e-9)
+    flat = local_gradient(model, loss_fn, (x,), precond)
+    assert torch.allclose(flat, h.mean(0))
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.Adam(ps, lr=1e-3, betas=(0.9, 0.99)),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1),
+    lambda ps: torch.optim.Adam(ps, lr=1e-3, amsgrad=True),
+    lambda ps: torch.optim.NAdam(ps, lr=1e-3),
+], ids=["adam", "adamw", "amsgrad", "nadam"])
+def test_adams_preconditioner_is_its_own_bias_corrected_second_moment(make):
+    """After steps that each saw the same gradient c, v_hat = c^2 exactly (the bias correction undoes the EMA's
+    start from 0), so P = |c| + eps, per element."""
+    model = nn.Linear(3, 2).double()
+    opt = make(model.parameters())
+    assert adam_preconditioner(opt, model.named_parameters()) is None, "no state before the first step"
+    c = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    for _ in range(3):
+        for n, p in model.named_parameters():
+            p.grad = c[n].clone()
+        opt.step()
+    got = adam_preconditioner(opt, model.named_parameters())
+    eps = opt.param_groups[0]["eps"]
+    assert set(got) == {"weight", "bias"}
+    for n in got:
+        assert torch.allclose(got[n], c[n].abs() + eps, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+                                  lambda ps: torch.optim.RMSprop(ps, lr=0.1)], ids=["sgd", "rmsprop"])
+def test_other_optimizers_take_the_raw_gradients(make):
+    model = nn.Linear(3, 2)
+    opt = make(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    assert adam_preconditioner(opt, model.named_parameters()) is None

@@ -8,6 +8,10 @@ a recommendation. Pure functions on tensors and numbers; ``batchlab.study`` runs
   |G|^2 ~ (B_big |G_big|^2 - B_small |G_small|^2) / (B_big - B_small) and
   tr(Sigma) ~ (|G_small|^2 - |G_big|^2) / (1 / B_small - 1 / B_big); per-example gradients are B_small = 1.
   Numerators and denominators are averaged separately, then divided.
+- For Adam-family optimizers the step is the gradient divided elementwise by P = sqrt(v_hat) + eps (v_hat the
+  bias-corrected second moment), so the noise that matters is that of the preconditioned gradient: every
+  estimator takes an optional ``preconditioner`` (P per parameter, ``adam_preconditioner``) and divides each
+  gradient by it before taking norms, as AdaptDL's ``AdamGradientNoiseScale`` does (Qiao et al. 2021, Pollux).
 - With time per step t(B) = alpha + beta B, time to target T(B) = S(B) t(B) is least at
   B* = sqrt(B_crit alpha / beta).
 
@@ -17,7 +21,7 @@ Written here because no library computes these: they are a few lines of algebra 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -61,33 +65,68 @@ def ema(values: Sequence[float], decay: float) -> list[float]:
 
 
 LossFn = Callable[[Any], Tensor]
+# What each parameter's gradient is divided by before its norm is taken, by parameter name; None: raw gradients.
+Preconditioner = Optional[dict[str, Tensor]]
 
 
-def per_example_noise(module: nn.Module, loss_fn: LossFn, batch: tuple[Tensor, ...]) -> NoiseSample:
-    """|G|^2 and tr(Sigma) from the per-example gradients of one batch (B_small = 1, B_big = len(batch)).
+def adam_preconditioner(optimizer: torch.optim.Optimizer,
+                        named_parameters: Iterable[tuple[str, nn.Parameter]]) -> Preconditioner:
+    """P = sqrt(v_hat) + eps per parameter, Adam's denominator, from an Adam-family optimizer's own state
+    (``exp_avg_sq``, ``max_exp_avg_sq`` with amsgrad, bias-corrected by 1 - beta2^step as torch.optim's Adam,
+    AdamW, NAdam and RAdam do); a parameter it has not stepped keeps its raw gradient. None for any other
+    optimizer, or one that has not stepped yet: the raw gradients are then the ones to measure."""
+    names = {id(p): n for n, p in named_parameters}
+    out = {}
+    for group in optimizer.param_groups:
+        if "betas" not in group or "eps" not in group:
+            return None
+        beta2, eps = group["betas"][1], group["eps"]
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            v = state.get("max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq")
+            if v is not None and id(p) in names:
+                correction = 1 - beta2 ** float(state["step"])
+                out[names[id(p)]] = (v.detach().sqrt() / math.sqrt(correction)).add_(eps)
+    return out or None
+
+
+def _divided(grads: dict[str, Tensor], preconditioner: Preconditioner) -> dict[str, Tensor]:
+    if not preconditioner:
+        return grads
+    return {n: g / preconditioner[n].to(g.device) if n in preconditioner else g for n, g in grads.items()}
+
+
+def per_example_noise(module: nn.Module, loss_fn: LossFn, batch: tuple[Tensor, ...],
+                      preconditioner: Preconditioner = None) -> NoiseSample:
+    """|G|^2 and tr(Sigma) from the per-example gradients of one batch (B_small = 1, B_big = len(batch)), each
+    divided by ``preconditioner`` first where one is given.
 
     ``loss_fn(batch)`` returns the mean loss of a batch, computed with ``module``'s parameters; per-example
     gradients come from ``torch.func.vmap`` over ``torch.func.grad``. Raises whatever torch.func raises where the
     model cannot be vmapped (batch norm in training mode, data-dependent control flow...) or where vmap would
     fall back to its slow path (``refusing_vmap_fallback``).
     """
-    mean_grad, per_example_sq = per_example_gradients(module, loss_fn, batch)
+    mean_grad, per_example_sq = per_example_gradients(module, loss_fn, batch, preconditioner)
     return estimate_from_norms(per_example_sq, mean_grad.pow(2).sum().item(), 1, len(batch[0]))
 
 
-def per_example_gradients(module: nn.Module, loss_fn: LossFn, batch: tuple[Tensor, ...]) -> tuple[Tensor, float]:
-    """The batch's mean gradient (one flat vector) and the mean squared norm of its per-example gradients."""
+def per_example_gradients(module: nn.Module, loss_fn: LossFn, batch: tuple[Tensor, ...],
+                          preconditioner: Preconditioner = None) -> tuple[Tensor, float]:
+    """The batch's mean gradient (one flat vector) and the mean squared norm of its per-example gradients, each
+    divided by ``preconditioner`` where one is given."""
     from torch.func import functional_call, grad, vmap
 
     wrapper = _LossModule(module, loss_fn)
-    params = {f"inner.{n}": p.detach() for n, p in module.named_parameters() if p.requires_grad}
-    buffers = {f"inner.{n}": b for n, b in module.named_buffers()}
+    params = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+    buffers = {n: b for n, b in module.named_buffers()}
 
     def example_loss(p: dict[str, Tensor], *example: Tensor) -> Tensor:
-        return functional_call(wrapper, (p, buffers), args=(tuple(t.unsqueeze(0) for t in example),))
+        inner = {f"inner.{n}": t for n, t in {**p, **buffers}.items()}
+        return functional_call(wrapper, inner, args=(tuple(t.unsqueeze(0) for t in example),))
 
     with refusing_vmap_fallback():
         grads = vmap(grad(example_loss), in_dims=(None, *([0] * len(batch))))(params, *batch)
+    grads = _divided(grads, preconditioner)
     per_example_sq = sum(g.flatten(1).pow(2).sum(1) for g in grads.values())  # |g_i|^2, shape (B,)
     return torch.cat([g.mean(0).reshape(-1) for g in grads.values()]), per_example_sq.mean().item()
 
@@ -125,28 +164,31 @@ class _LossModule(nn.Module):
         return self.loss_fn(batch)
 
 
-def two_batch_noise(module: nn.Module, loss_fn: LossFn, batch: tuple[Tensor, ...], b_small: int) -> NoiseSample:
-    """|G|^2 and tr(Sigma) from the gradient norm of a whole batch (B_big) and of its chunks of ``b_small``.
+def two_batch_noise(module: nn.Module, loss_fn: LossFn, batch: tuple[Tensor, ...], b_small: int,
+                    preconditioner: Preconditioner = None) -> NoiseSample:
+    """|G|^2 and tr(Sigma) from the gradient norm of a whole batch (B_big) and of its chunks of ``b_small``, each
+    gradient divided by ``preconditioner`` first where one is given.
 
     Needs only ordinary autograd, so it works for any model; this is what data parallelism gives for free, with
     the per-device batch as B_small.
     """
-    params = [p for p in module.parameters() if p.requires_grad]
     b_big = len(batch[0])
 
     def sq_norm(part: tuple[Tensor, ...]) -> float:
-        grads = torch.autograd.grad(loss_fn(part), params)
-        return sum(g.pow(2).sum() for g in grads).item()
+        return local_gradient(module, loss_fn, part, preconditioner).pow(2).sum().item()
 
     chunks = [tuple(t[i : i + b_small] for t in batch) for i in range(0, b_big - b_small + 1, b_small)]
     g2_small = sum(sq_norm(c) for c in chunks) / len(chunks)
     return estimate_from_norms(g2_small, sq_norm(batch), b_small, b_big)
 
 
-def local_gradient(module: nn.Module, loss_fn: LossFn, batch: Any) -> Tensor:
-    """The gradient of ``loss_fn(batch)`` over ``module``'s trainable parameters, as one flat vector."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss_fn(batch), params)])
+def local_gradient(module: nn.Module, loss_fn: LossFn, batch: Any, preconditioner: Preconditioner = None) -> Tensor:
+    """The gradient of ``loss_fn(batch)`` over ``module``'s trainable parameters, as one flat vector (divided by
+    ``preconditioner`` where one is given)."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss_fn(batch), [p for _, p in named])
+    return torch.cat([g.reshape(-1) for g in _divided({n: g for (n, _), g in zip(named, grads)},
+                                                      preconditioner).values()])
 
 
 def data_parallel_noise(local_grad: Tensor, local_small_sq: float, b_small: int, b_big: int,

@@ -131,11 +131,19 @@ ENDED = {"slow": "stopped once too slow to enter the band", "budget": "ran out o
          "pruned": "stopped at a better LR's steps", "stalled": "stalled", "diverged": "diverged"}
 
 
+def gradients(method: str, preconditioner: str) -> str:
+    """Which gradients the noise scale was measured on, in words."""
+    if preconditioner == "adam":
+        return f"{method} gradients, preconditioned by Adam's second moment"
+    return f"raw {method} gradients"
+
+
 def details(result: StudyResult) -> list[str]:
     """How the answer was chosen, and the measurements behind it."""
     s = result
     lines = [] if s.quick or s.recommended_batch_size is None else [f"Chosen by {s.recommended_by}."]
-    lines.append(f"Gradient noise scale B_simple = {fmt(s.b_simple)} ({s.b_simple_method} gradients); "
+    lines.append(f"Gradient noise scale B_simple = {fmt(s.b_simple)} "
+                 f"({gradients(s.b_simple_method, s.b_simple_preconditioner)}); "
                  f"step time t(B) = {fmt(s.alpha_s * 1e3)} ms + {fmt(s.beta_s * 1e6)} us x B; "
                  f"quick answer sqrt(B_simple alpha / beta) = {fmt(s.quick_b_star)} -> "
                  f"{s.quick_recommended_batch_size}"

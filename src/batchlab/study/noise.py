@@ -3,8 +3,10 @@ whose weights are kept at ``--gns_points`` steps; at each, the noise estimates o
 large batches (``--gns_batch_size``). Per-example gradients where torch.func can vmap the model, gradient norms
 at two batch sizes where it cannot, or where vmap would fall back to its slow path (an operator without a batching
 rule, as CPU attention has: the two-batch estimate is then the cheaper by far, and no warning is printed); the
-reason is kept beside the method. Under DDP the ranks' own gradients give a second estimate. One measurement in the
-study's folder (``gns.json``).
+reason is kept beside the method. For an Adam-family optimizer the gradients are those Adam steps by, divided by
+sqrt(v_hat) + eps from the reference run's own optimizer state at each point (``scaling.adam_preconditioner``);
+for any other, the raw gradients. Under DDP the ranks' own gradients give a second estimate. One measurement in
+the study's folder (``gns.json``).
 """
 
 from __future__ import annotations
@@ -35,15 +37,21 @@ Samples = dict[str, list[scaling.NoiseSample]]
 
 
 class Snapshots(Callback):
-    """Keeps CPU copies of the weights at the given steps (and at the start) for the noise-scale estimates."""
+    """Keeps CPU copies of the weights at the given steps (and at the start) for the noise-scale estimates, with
+    the optimizer's preconditioner there where it is Adam-family (None before its first step, or for others)."""
 
     def __init__(self, steps: set[int]) -> None:
         self.steps = steps
-        self.states: list[tuple[int, dict[str, Tensor]]] = []
+        self.states: list[tuple[int, dict[str, Tensor], scaling.Preconditioner]] = []
 
     def _keep(self, trainer: Trainer, pl_module: LightningModule) -> None:
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-        self.states.append((trainer.global_step, state))
+        # Lightning's automatic optimization (which the study requires) steps one optimizer, or none.
+        preconditioner = (scaling.adam_preconditioner(trainer.optimizers[0], pl_module.named_parameters())
+                          if trainer.optimizers else None)
+        if preconditioner is not None:
+            preconditioner = {n: p.cpu() for n, p in preconditioner.items()}
+        self.states.append((trainer.global_step, state, preconditioner))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._keep(trainer, pl_module)
@@ -76,9 +84,9 @@ def _measure(study: Study, b_big: int) -> NoiseScale:
     probe = copy.deepcopy(study.fitter.model).to(device)
     curve = {p.step: p.value for p in recorder.curve}
     points, finite, method, why = [], {}, None, None
-    for step, state in snapshots.states:
+    for step, state, preconditioner in snapshots.states:
         probe.load_state_dict(state)
-        estimates, method, not_per_example = _noise_samples(study, probe, batches, method)
+        estimates, method, not_per_example = _noise_samples(study, probe, batches, method, preconditioner)
         why = why or not_per_example
         if all(math.isfinite(x.g2) and math.isfinite(x.trace) for xs in estimates.values() for x in xs):
             finite[step] = estimates
@@ -86,7 +94,7 @@ def _measure(study: Study, b_big: int) -> NoiseScale:
                 for name, xs in estimates.items()}
         ranks = mean.get("ranks") if method != "ranks" else None
         points.append(NoisePoint(step, step * b_ref, curve.get(step), *mean[method],
-                                 *(ranks or (None, None, None))))
+                                 *(ranks or (None, None, None)), preconditioned=preconditioner is not None))
     # The study's B_simple averages the points of training, not the initial weights: at step 0 |G|^2 is
     # typically orders of magnitude above its value anywhere later (the default study: 14,000 at step 0, 6-410
     # after), so pooling it in gave the initial weights' figure (0.72 against 2-125 later, B_crit 7.3). Step 0
@@ -107,7 +115,9 @@ def _measure(study: Study, b_big: int) -> NoiseScale:
         p.b_simple_ema = emas.get(p.step)
     w = study.fitter.ranks.world_size
     return NoiseScale(
-        b_simple=scaling.b_simple(pooled[method]), method=method, reference_batch_size=b_ref,
+        b_simple=scaling.b_simple(pooled[method]), method=method,
+        # The points averaged are all past the first step (Adam has its state at each) or step 0 alone (it has none).
+        preconditioner="adam" if all(p.preconditioned for p in used) else "none", reference_batch_size=b_ref,
         reference_lr=study.centre_lr(b_ref), estimate_batch_size=b_big, batches_per_point=len(batches),
         averaged_steps=[p.step for p in used], reference_diverged_at=recorder.diverged_at, points=points,
         method_reason=why, rank_batch_size=b_big // w if w > 1 else None,
@@ -131,10 +141,11 @@ def _noise_batches(study: Study, b_big: int, device: torch.device) -> list[Any]:
     return batches
 
 
-def _noise_samples(study: Study, probe: LightningModule, batches: list[Any],
-                   method: Optional[str]) -> tuple[Samples, str, Optional[str]]:
-    """Noise estimates from each batch, by method; the method the study uses is returned beside them, and why
-    per-example gradients were not, where they were tried and failed."""
+def _noise_samples(study: Study, probe: LightningModule, batches: list[Any], method: Optional[str],
+                   preconditioner: scaling.Preconditioner) -> tuple[Samples, str, Optional[str]]:
+    """Noise estimates from each batch, by method, each gradient divided by ``preconditioner`` where there is one;
+    the method the study uses is returned beside them, and why per-example gradients were not, where they were
+    tried and failed."""
     def loss_fn(batch: Any) -> Tensor:
         out = probe.training_step(batch, 0)
         return out["loss"] if isinstance(out, dict) else out
@@ -142,10 +153,10 @@ def _noise_samples(study: Study, probe: LightningModule, batches: list[Any],
     why = None
     with quiet_lightning(), torch.enable_grad():
         if study.fitter.ranks.world_size > 1:
-            return _data_parallel_samples(study, probe, loss_fn, batches, method)
+            return _data_parallel_samples(study, probe, loss_fn, batches, method, preconditioner)
         if method in (None, "per_example") and all(_tensor_tuple(b) for b in batches):
             try:
-                return {"per_example": [scaling.per_example_noise(probe, loss_fn, tuple(b))
+                return {"per_example": [scaling.per_example_noise(probe, loss_fn, tuple(b), preconditioner)
                                         for b in batches]}, "per_example", None
             except Exception as err:  # noqa: BLE001 - any model torch.func cannot vmap falls back to plain autograd
                 if method == "per_example":
@@ -153,12 +164,13 @@ def _noise_samples(study: Study, probe: LightningModule, batches: list[Any],
                 why = _why_not_per_example(err)
         b_big = extract_batch_size(batches[0])
         b_small = max(1, b_big // 16)
-        return {"two_batch": [scaling.two_batch_noise(probe, loss_fn, _as_tuple(b), b_small)
+        return {"two_batch": [scaling.two_batch_noise(probe, loss_fn, _as_tuple(b), b_small, preconditioner)
                               for b in batches]}, "two_batch", why
 
 
 def _data_parallel_samples(study: Study, probe: LightningModule, loss_fn: Any, batches: list[Any],
-                           method: Optional[str]) -> tuple[Samples, str, Optional[str]]:
+                           method: Optional[str], preconditioner: scaling.Preconditioner,
+                           ) -> tuple[Samples, str, Optional[str]]:
     """Under DDP each rank differentiates its own slice of every batch. The ranks' gradient norms give the
     estimate DDP gets for free (``ranks``: B_small = one rank's batch, B_big = the global batch); where
     torch.func can vmap the model, per-example gradients on each rank give the study's estimate, the same as
@@ -181,7 +193,7 @@ def _data_parallel_samples(study: Study, probe: LightningModule, loss_fn: Any, b
         local = _rows(batch, rank * b_local, (rank + 1) * b_local)
         if per_example:
             try:
-                grad, example_sq = scaling.per_example_gradients(probe, loss_fn, tuple(local))
+                grad, example_sq = scaling.per_example_gradients(probe, loss_fn, tuple(local), preconditioner)
             except Exception as err:  # noqa: BLE001 - as on one device, fall back to plain autograd
                 if method == "per_example":
                     raise
@@ -189,7 +201,7 @@ def _data_parallel_samples(study: Study, probe: LightningModule, loss_fn: Any, b
         if per_example:
             out["per_example"].append(scaling.data_parallel_noise(grad, example_sq, 1, b_big, mean_over_ranks))
         else:
-            grad = scaling.local_gradient(probe, loss_fn, local)
+            grad = scaling.local_gradient(probe, loss_fn, local, preconditioner)
         out["ranks"].append(scaling.data_parallel_noise(grad, grad.pow(2).sum().item(), b_local, b_big,
                                                         mean_over_ranks))
     if not per_example:

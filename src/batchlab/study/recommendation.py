@@ -40,6 +40,7 @@ def summarise(study: Study, grid: list[int], n_train: int, memory_max: Optional[
         recommended_by="quick: sqrt(B_simple * alpha / beta), nearest grid batch size; LR from the scaling rule, "
                        "not tuned",
         trials=searcher.order if searcher else [], noise_scale=noise, b_simple_method_reason=noise.method_reason,
+        b_simple_preconditioner=noise.preconditioner,
     )
     if searcher is not None:
         result.seeds = list(study.seeds)

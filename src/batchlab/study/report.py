@@ -110,11 +110,11 @@ def markdown(result: StudyResult, plots: list[str]) -> str:
     out += ["## Gradient noise scale along the reference run", "",
             f"Reference run at batch size {gns.reference_batch_size}, lr {fmt(gns.reference_lr)}; each "
             f"point averages {gns.batches_per_point} batches of {gns.estimate_batch_size} "
-            f"({gns.method} gradients). B_simple = {fmt(gns.b_simple)} averages |G|^2 and tr(Sigma) "
-            f"separately over the points at steps {gns.averaged_steps}: the initial weights (step 0) "
-            "are shown but left out where later points exist, their |G|^2 being far above any later one. Near the "
-            "target |G|^2 shrinks and B_simple grows large and noisy: read the early points and the averaged "
-            "value.", ""]
+            f"({answer.gradients(gns.method, gns.preconditioner)}). B_simple = {fmt(gns.b_simple)} averages "
+            f"|G|^2 and tr(Sigma) separately over the points at steps {gns.averaged_steps}: the initial weights "
+            "(step 0) are shown but left out where later points exist, their |G|^2 being far above any later one. "
+            "Near the target |G|^2 shrinks and B_simple grows large and noisy: read the early points and the "
+            "averaged value.", ""]
     out += _figure("noise_scale.png", plots)
     out += ["| step | samples seen | monitored | B_simple | B_simple (EMA) |", "|---:|---:|---:|---:|---:|"]
     ranks = gns.has_rank_estimate

@@ -109,6 +109,8 @@ class NoisePoint:
     ranks_trace: Optional[float] = _only_if(lambda p: p.ranks_g2 is not None)
     ranks_b_simple: Optional[float] = _only_if(lambda p: p.ranks_g2 is not None)
     b_simple_ema: Optional[float] = None
+    # Whether the gradients were divided by Adam's sqrt(v_hat) + eps here (not at step 0, where it has no state).
+    preconditioned: bool = field(default=False, metadata={"json_if": lambda p: p.preconditioned})
 
 
 @dataclass
@@ -124,6 +126,9 @@ class NoiseScale:
     averaged_steps: list[int]
     reference_diverged_at: Optional[int]
     points: list[NoisePoint]
+    # adam: the gradients Adam steps by, divided by sqrt(v_hat) + eps from the reference run's optimizer; none:
+    # the raw gradients (any other optimizer). A folder made before this was measured raw.
+    preconditioner: Literal["adam", "none"] = "none"
     # Why per-example gradients were not used, where they were tried and failed (torch.func cannot vmap the
     # model, or only through its slow fallback).
     method_reason: Optional[str] = _only_if(lambda n: n.method_reason is not None)
@@ -266,6 +271,7 @@ class StudyResult:
     noise_scale: NoiseScale = field(metadata=_NOT_IN_SUMMARY)
     cost: Optional[StudyCost] = None
     b_simple_method_reason: Optional[str] = _only_if(lambda r: r.b_simple_method_reason is not None)
+    b_simple_preconditioner: Literal["adam", "none"] = "none"  # as ``NoiseScale.preconditioner``
     seeds: list[int] = field(default_factory=list, metadata={"json_if": _full})
     # The pooled standard deviation of log(steps to target) between seeds at one B and LR.
     spread: Optional[float] = _only_if(_full)
