@@ -204,3 +204,19 @@ def test_step_times_are_made_non_decreasing_in_b_keeping_what_was_measured():
     assert steps[2] == steps[3] == pytest.approx(math.sqrt(2.0e-3 * 1.5e-3)), "pooled in log time"
     assert all(t.samples_per_s == pytest.approx(t.batch_size / t.step_s) for t in out)
     assert [t.rounds_s for t in out] == [[t] for t in measured.values()]
+
+
+def test_a_batch_size_beyond_the_bands_reach_is_not_repeated_once_the_seeds_show_their_spread(monkeypatch):
+    # 8 and 64 take the same time; 512 takes 1.8x at the study's seed. The seeds agree (no spread), so the band
+    # reaches 1.1x: 512's repeats, the study's costliest in samples, could not change the answer.
+    world = World(optimum=lambda b: 1.0, floor=lambda b: {8: 400, 64: 400, 512: 720}[b])
+    searcher = _searcher(monkeypatch, world, [8, 64, 512], seeds=(0, 1000, 2000), lr_factors=[0.5, 1.0, 2.0],
+                         lr_extend=3, stop_regret=3.0)
+    for b in (8, 64, 512):
+        searcher.search(b, [1.0, 0.5, 2.0])
+    searcher.repeat_deciding()
+    assert searcher.reach() == pytest.approx(1.1, abs=0.02)
+    assert {t.seed for t in searcher.searches[8].repeats} == {t.seed for t in searcher.searches[64].repeats} == {
+        1000, 2000}
+    assert not searcher.searches[512].repeats
+    assert searcher.estimates()[0][512].n == 1, "its estimate rests on the study's seed alone"

@@ -8,8 +8,9 @@
    The ``--lr_factors`` around that start run first; then, while the best LR has no worse LR run on one side
    (it is not *bracketed*), one more beyond that edge, up to ``--lr_extend`` each way (the cap; a B that hits it is
    reported as unbracketed, with the reason).
-2. **Seeds.** The best LR of every B that may enter the band (time to target within ``--stop_regret`` of the best)
-   runs again from ``--seeds - 1`` other seeds: their spread is the study's uncertainty (``batchlab.study.band``).
+2. **Seeds.** The best LR of every B that may enter the band (time to target within ``Searcher.reach`` of the
+   best: ``--stop_regret``, narrowed to the band's edge once the seeds show their spread) runs again from
+   ``--seeds - 1`` other seeds: their spread is the study's uncertainty (``batchlab.study.band``).
 3. **Consistency.** With a tuned LR, steps to target do not grow with B (Shallue et al. 2019). A B whose steps
    exceed a smaller B's by more than twice the standard error of the difference gets LRs around its neighbours'
    best ones; a violation that remains is flagged (``inconsistent``).
@@ -197,7 +198,7 @@ class Searcher:
         # The fastest first, so that each seed soon knows its own best time, at which its later runs are cut.
         for b, here in sorted(self.searches.items(), key=lambda x: self._time(x[1])):
             best = here.best
-            if best is None or best.steps * self.step_s[b] > self.study.settings.stop_regret * t_best:
+            if best is None or best.steps * self.step_s[b] > self.reach() * t_best:
                 continue
             here.chosen_lr = None
             self._repeat(here, best)
@@ -212,6 +213,19 @@ class Searcher:
                     candidates.append(near)
             here.chosen_lr = min(candidates, key=lambda t: (here.failed(t.lr), _mean_log_steps(here.runs(t.lr)),
                                                             abs(math.log(t.lr / best.lr)))).lr
+
+    def reach(self) -> float:
+        """How far above the best time to target a B may be at the study's seed and still enter the band: at
+        most ``--stop_regret``, and once the seeds have measured a spread, the band's edge (10% plus one standard
+        error of a difference of means over the seeds) plus two spreads for that one seed's own noise. Beyond it
+        a B cannot enter the band, and its repeats would spend samples (at large B, most of the study's) on a
+        question already answered."""
+        cap = self.study.settings.stop_regret
+        _, spread = self.estimates()
+        if spread is None or len(self.study.seeds) < 2:
+            return cap
+        n = len(self.study.seeds)
+        return min(cap, (1 + band.TOLERANCE) * math.exp(spread * (band.Z * math.sqrt(2 / n) + 2)))
 
     def _time(self, here: BatchSizeSearch) -> float:
         return here.best.steps * self.step_s[here.batch_size] if here.best else math.inf
