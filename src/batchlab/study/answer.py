@@ -101,8 +101,12 @@ def _flags(s: StudyResult) -> list[str]:
     per_b = {e.batch_size: e for e in s.batch_sizes}
     lines = []
     if s.lr_at_edge:
-        lines.append(f"The best learning rate sat at an edge of the range tried for B = {s.lr_at_edge} (marked ^ "
-                     "or v in the table): a better one may lie beyond it; widen --lr_factors or raise --lr_extend.")
+        # Bracketed at the study's seed, the seeds' choice can still be the neighbour at the edge: the search
+        # extends from the study's seed alone.
+        lines.append(f"The learning rate the answer uses sat at an edge of the range tried for B = {s.lr_at_edge} "
+                     "(marked ^ or v in the table; where that B is bracketed, the other seeds chose the study "
+                     "seed's best's neighbour at the edge): a better one may lie beyond it; widen --lr_factors "
+                     "(e.g. [0.25, 0.5, 1, 2, 4]).")
     for b in s.unbracketed:
         lines.append(f"Unbracketed at B = {b}: {per_b[b].unbracketed_reason}.")
     if s.re_searched:
