@@ -2,8 +2,8 @@
 whose weights are kept at ``--gns_points`` steps; at each, the noise estimates of ``batchlab.scaling`` on a few
 large batches (``--gns_batch_size``). Per-example gradients where torch.func can vmap the model, gradient norms
 at two batch sizes where it cannot, or where vmap would fall back to its slow path (an operator without a batching
-rule, as CPU attention has: the two-batch estimate is then the cheaper by far, and no warning is printed); the
-reason is kept beside the method. For an Adam-family optimizer the gradients are those Adam steps by, divided by
+rule, as CPU attention has: the two-batch estimate then costs as much or less, is as precise wherever the noise of
+|G|^2 dominates, and prints no warning); the reason is kept beside the method. For an Adam-family optimizer the gradients are those Adam steps by, divided by
 sqrt(v_hat) + eps from the reference run's own optimizer state at each point (``scaling.adam_preconditioner``);
 for any other, the raw gradients. Under DDP the ranks' own gradients give a second estimate. One measurement in
 the study's folder (``gns.json``).
