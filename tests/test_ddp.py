@@ -111,7 +111,7 @@ STUDY_TINY = [
     "study", "-c", STUDY, "--data.n_samples", "2304", "--data.val_fraction", "0.111111", "--data.eval_batch_size",
     "256", "--target", "1.5", "--max_steps", "300", "--lr_extend", "0", "--gns_steps", "40", "--gns_points", "3",
     "--gns_batch_size", "256", "--gns_batches", "2", "--throughput_steps", "5", "--throughput_rounds", "1",
-    "--warmup_steps", "2", "--base_batch_size", "32",
+    "--warmup_steps", "2", "--base_batch_size", "32", "--seeds", "2",
 ]
 
 

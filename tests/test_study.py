@@ -19,7 +19,7 @@ TINY = [
     "study", "-c", STUDY, "--data.n_samples", "2304", "--data.val_fraction", "0.111111", "--data.eval_batch_size",
     "256", "--grid", "[8, 64, 256]", "--target", "1.5", "--max_steps", "300", "--lr_factors", "[1, 2]",
     "--lr_extend", "0", "--gns_steps", "40", "--gns_points", "3", "--gns_batch_size", "256", "--gns_batches", "2",
-    "--throughput_steps", "5", "--throughput_rounds", "1", "--warmup_steps", "2", "--out", "study",
+    "--throughput_steps", "5", "--throughput_rounds", "1", "--warmup_steps", "2", "--seeds", "2", "--out", "study",
 ]
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
 SUMMARY_KEYS = {
@@ -29,11 +29,18 @@ SUMMARY_KEYS = {
 }
 
 
+@pytest.fixture
+def steady_steps(monkeypatch):
+    """Step times of a steady machine: which trials a study cuts for time follows the step times measured, so on a
+    busy one the tiny study's path (not its mechanisms) would change from run to run."""
+    monkeypatch.setattr(timing, "StepTimer", _synthetic_step_times(1e-3, 1e-6))
+
+
 def _files(root):
     return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_a_tiny_study_writes_every_output(batchlab, tmp_path):
+def test_a_tiny_study_writes_every_output(batchlab, tmp_path, steady_steps):
     result = batchlab(*TINY)
     assert result.code == 0, result.err
     root = tmp_path / "study"
@@ -75,7 +82,7 @@ def test_a_tiny_study_writes_every_output(batchlab, tmp_path):
     trial_files = list((root / "trials").glob("*.json"))
     rows = list(csv.DictReader((root / "results.csv").open()))
     assert len(rows) == len(trial_files)
-    assert {int(r["seed"]) for r in rows} == set(summary["seeds"]) == {0, 1000, 2000}
+    assert {int(r["seed"]) for r in rows} == set(summary["seeds"]) == {0, 1000}
     for b in summary["grid"]:
         # Two factors and no extension: at most the two LRs at the study's seed, unless the consistency step
         # re-searched this B around its neighbours' best LRs.
@@ -106,7 +113,7 @@ def test_a_tiny_study_writes_every_output(batchlab, tmp_path):
     assert scalars(run)["zz_hparams/steps_to_target"][-1][1] == float(some["steps"])
 
 
-def test_rerunning_a_finished_study_repeats_no_measurement(batchlab, tmp_path, monkeypatch):
+def test_rerunning_a_finished_study_repeats_no_measurement(batchlab, tmp_path, steady_steps, monkeypatch):
     assert batchlab(*TINY).code == 0
     summary = (tmp_path / "study" / "summary.json").read_text()
     measurements = {k: v for k, v in _files(tmp_path / "study").items() if k.parts[0] in ("trials", "throughput")}
@@ -122,7 +129,7 @@ def test_rerunning_a_finished_study_repeats_no_measurement(batchlab, tmp_path, m
     assert after == measurements
 
 
-def test_an_interrupted_study_keeps_finished_trials_and_runs_only_the_rest(batchlab, tmp_path, monkeypatch):
+def test_an_interrupted_study_keeps_finished_trials_and_runs_only_the_rest(batchlab, tmp_path, steady_steps, monkeypatch):
     real = sweep._run_trial
     calls = []
 
@@ -246,7 +253,7 @@ def test_quick_mode_recommends_from_noise_scale_and_throughput_alone(batchlab, t
         assert summary["quick_recommended_batch_size"] == quick["quick_recommended_batch_size"]
 
 
-def test_any_lightning_module_and_datamodule_by_class_path(batchlab, tmp_path):
+def test_any_lightning_module_and_datamodule_by_class_path(batchlab, tmp_path, steady_steps):
     result = batchlab(
         "study", "--model.class_path", "study_models.Classifier", "--data.class_path", "study_models.Blobs",
         # Blobs close enough (Bayes accuracy ~0.79) that the target takes tens of steps, more at small B: the fit
