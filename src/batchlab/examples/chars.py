@@ -16,11 +16,11 @@ import random
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
-from batchlab.data import TensorBatches
 from batchlab.errors import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, check, check_arguments
+from batchlab.examples.splits import SplitData
 
 ALPHABET = " .abcdefghijklmnopqrstuvwxyz"
 _WORDS = {
@@ -57,7 +57,7 @@ def grammar_windows(n_sequences: int, seq_len: int, seed: int) -> Tensor:
     return torch.frombuffer(bytearray(codes), dtype=torch.uint8).long().view(n_sequences, seq_len + 1)
 
 
-class CharsData(LightningDataModule):
+class CharsData(SplitData):
     """``n_sequences`` non-overlapping windows of the grammar's text as ``(input, target)`` character indices, the
     target the input shifted by one.
 
@@ -89,22 +89,6 @@ class CharsData(LightningDataModule):
         val, train = perm[:n_val].sort().values, perm[n_val:].sort().values
         self.splits = {name: (windows[idx, :-1].contiguous(), windows[idx, 1:].contiguous())
                        for name, idx in (("train", train), ("val", val))}
-
-    def _world(self) -> tuple[int, int]:
-        return (0, 1) if self.trainer is None else (self.trainer.global_rank, self.trainer.world_size)
-
-    def train_dataloader(self) -> TensorBatches:
-        rank, world = self._world()
-        rows = len(self.splits["train"][0]) // world
-        # Every step a full batch, as steps to target assume (without it the grid's largest B alternates with a
-        # smaller last batch); a batch beyond the data, as the batch-size finder tries, is one batch of all of it.
-        return TensorBatches(self.splits["train"], self.hparams.batch_size, shuffle=True,
-                             drop_last=self.hparams.batch_size <= rows, rank=rank, world_size=world,
-                             seed=self.hparams.data_seed)
-
-    def val_dataloader(self) -> TensorBatches:
-        rank, world = self._world()
-        return TensorBatches(self.splits["val"], len(self.splits["val"][0]), rank=rank, world_size=world)
 
 
 class Block(nn.Module):

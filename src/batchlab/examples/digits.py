@@ -15,11 +15,11 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
-from batchlab.data import TensorBatches
 from batchlab.errors import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, check, check_arguments
+from batchlab.examples.splits import SplitData
 
 
 @functools.lru_cache(maxsize=1)
@@ -32,7 +32,7 @@ def digits_tensors() -> tuple[Tensor, Tensor]:
     return torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1), torch.tensor(digits.target)
 
 
-class DigitsData(LightningDataModule):
+class DigitsData(SplitData):
     """scikit-learn's 8x8 digits as ``(1, 8, 8)`` float images and integer labels 0-9.
 
     Args:
@@ -62,22 +62,6 @@ class DigitsData(LightningDataModule):
         mean, std = x[train].mean(), x[train].std()
         x = (x - mean) / std
         self.splits = {"train": (x[train], y[train]), "val": (x[val], y[val])}
-
-    def _world(self) -> tuple[int, int]:
-        return (0, 1) if self.trainer is None else (self.trainer.global_rank, self.trainer.world_size)
-
-    def train_dataloader(self) -> TensorBatches:
-        rank, world = self._world()
-        rows = len(self.splits["train"][0]) // world
-        # Every step a full batch, as steps to target assume (without it the grid's largest B alternates with a
-        # smaller last batch); a batch beyond the data, as the batch-size finder tries, is one batch of all of it.
-        return TensorBatches(self.splits["train"], self.hparams.batch_size, shuffle=True,
-                             drop_last=self.hparams.batch_size <= rows, rank=rank, world_size=world,
-                             seed=self.hparams.data_seed)
-
-    def val_dataloader(self) -> TensorBatches:
-        rank, world = self._world()
-        return TensorBatches(self.splits["val"], len(self.splits["val"][0]), rank=rank, world_size=world)
 
 
 class DigitsCNN(LightningModule):
