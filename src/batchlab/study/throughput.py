@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from batchlab.study.band import non_increasing
 from batchlab.study.results import StepTiming, Throughput
 
 if TYPE_CHECKING:
@@ -89,8 +90,6 @@ def monotone(throughput: list[Throughput]) -> list[Throughput]:
     answer use them: a larger batch does at least the work of a smaller one per step, so a larger B measured
     faster is a burst of other work on a shared machine spoiling the smaller B's rounds, which would otherwise move
     the band. Each keeps its measured rounds (``rounds_s``)."""
-    from batchlab.study.band import non_increasing
-
     pooled = non_increasing({t.batch_size: -math.log(t.step_s) for t in throughput}, {t.batch_size: 1.0 for t in
                                                                                       throughput})
     out = []
