@@ -201,9 +201,13 @@ def test_step_times_are_made_non_decreasing_in_b_keeping_what_was_measured():
     out = monotone([Throughput(b, t, b / t, [t]) for b, t in measured.items()])
     steps = [t.step_s for t in out]
     assert steps == sorted(steps) and steps[0] == 1.0e-3 and steps[-1] == 4.0e-3
-    assert steps[2] == steps[3] == pytest.approx(math.sqrt(2.0e-3 * 1.5e-3)), "pooled in log time"
+    assert steps[2] == steps[3] == 1.5e-3, "bounded by the larger B measured faster, not pooled with it"
     assert all(t.samples_per_s == pytest.approx(t.batch_size / t.step_s) for t in out)
     assert [t.rounds_s for t in out] == [[t] for t in measured.values()]
+    # One slow stretch over several B does not lift the smaller B it did not touch, nor the larger B measured fast.
+    slow = {8: 1.0e-3, 64: 2.1e-3, 128: 2.1e-3, 256: 2.4e-3, 512: 1.6e-3, 1024: 1.8e-3}
+    out = monotone([Throughput(b, t, b / t, [t]) for b, t in slow.items()])
+    assert [t.step_s for t in out] == [1.0e-3, 1.6e-3, 1.6e-3, 1.6e-3, 1.6e-3, 1.8e-3]
 
 
 def test_a_batch_size_beyond_the_bands_reach_is_not_repeated_once_the_seeds_show_their_spread(monkeypatch):
@@ -220,3 +224,21 @@ def test_a_batch_size_beyond_the_bands_reach_is_not_repeated_once_the_seeds_show
         1000, 2000}
     assert not searcher.searches[512].repeats
     assert searcher.estimates()[0][512].n == 1, "its estimate rests on the study's seed alone"
+
+
+@pytest.mark.parametrize("band_, expected", [
+    ([32], 32),
+    ([32, 64], 64),  # equally near the middle: the faster
+    ([32, 64, 128], 64),
+    ([128, 256, 512, 1024, 2048, 4096], 1024),  # sqrt(128 x 4096) = 724: 512 and 1024 equally near
+    ([64, 128, 256, 512, 1024, 2048], 512),
+    ([32, 64, 128, 256, 512, 1024, 2048, 4096, 8192], 512),
+])
+def test_the_recommendation_is_the_bands_geometric_middle_not_its_fastest_point(band_, expected):
+    log_t = {b: -0.01 * i for i, b in enumerate(band_)}  # each larger B a little faster: the fastest is the top
+    assert band.middle(band_, log_t) == expected
+
+
+def test_the_middle_prefers_the_faster_of_two_equally_near_batch_sizes():
+    assert band.middle([128, 256], {128: 0.0, 256: -0.1}) == 256
+    assert band.middle([128, 256], {128: -0.1, 256: 0.0}) == 128

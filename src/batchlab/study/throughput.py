@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from batchlab.study.band import non_increasing
 from batchlab.study.results import StepTiming, Throughput
 
 if TYPE_CHECKING:
@@ -86,18 +85,18 @@ def _time_steps(study: Study, batch_size: int, round_: int) -> StepTiming:
 
 
 def monotone(throughput: list[Throughput]) -> list[Throughput]:
-    """The step times made non-decreasing in B (pooled adjacent violators, in log time), as the search and the
-    answer use them: a larger batch does at least the work of a smaller one per step, so a larger B measured
-    faster is a burst of other work on a shared machine spoiling the smaller B's rounds, which would otherwise move
-    the band. Each keeps its measured rounds (``rounds_s``)."""
-    pooled = non_increasing({t.batch_size: -math.log(t.step_s) for t in throughput}, {t.batch_size: 1.0 for t in
-                                                                                      throughput})
-    out = []
-    for t in throughput:
-        value, weight = pooled[t.batch_size]
-        if weight == 1.0:  # in order already: kept exactly as measured
+    """The step times made non-decreasing in B, as the search and the answer use them: each B's time is the least
+    measured at it or at any larger B. A larger batch does at least the work of a smaller one per step, and other
+    work on a shared machine only ever adds time (a 2-core VM runs whole seconds at 1.5-2x the step time of the
+    next), so a larger B measured faster bounds the smaller B's true time more tightly than its own spoilt rounds;
+    pooling the violators instead would let one slow stretch raise every larger B with it and move the band. Each
+    keeps its measured rounds (``rounds_s``)."""
+    out: list[Throughput] = []
+    least = math.inf
+    for t in sorted(throughput, key=lambda t: t.batch_size, reverse=True):
+        if t.step_s <= least:  # in order already: kept exactly as measured
+            least = t.step_s
             out.append(t)
-            continue
-        step_s = math.exp(-value)
-        out.append(dataclasses.replace(t, step_s=step_s, samples_per_s=t.batch_size / step_s))
-    return out
+        else:
+            out.append(dataclasses.replace(t, step_s=least, samples_per_s=t.batch_size / least))
+    return sorted(out, key=lambda t: t.batch_size)
