@@ -112,7 +112,7 @@ def test_the_flags_follow_the_fit_and_each_batch_size_row_carries_its_own(tmp_pa
     rows = {r["B"]: r for r in answer.rows(_result(tmp_path))}
     assert rows["8"]["flags"] == "re-searched" and rows["32"]["flags"] == "unbracketed (cap)"
     assert rows["512"]["flags"] == "inconsistent, 1/3 seeds failed" and rows["128"]["flags"] == ""
-    assert rows["128"]["band"] == "best" and rows["32"]["band"] == "yes" and rows["8"]["band"] == ""
+    assert rows["128"]["band"] == "chosen" and rows["32"]["band"] == "yes" and rows["8"]["band"] == ""
     assert rows["8"]["steps"] == "400 ±0.10" and rows["8"]["seeds"] == "400, 440, 380"
     assert rows["512"]["seeds"] == "28, -, 31" and rows["32"]["lr"] == "0.003 ^"
     # 400 steps x 1.03 ms over the best's 0.06 s, one standard error either way.

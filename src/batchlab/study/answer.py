@@ -201,7 +201,7 @@ def flags(e: BatchSizeResult) -> list[str]:
 
 def rows(result: StudyResult) -> list[dict[str, str]]:
     """The table's cells, one row per batch size, as text."""
-    band, best = set(result.within_10_percent), result.recommended_batch_size
+    band, chosen = set(result.within_10_percent), result.recommended_batch_size
     out = []
     for e in result.batch_sizes:
         edge = {"up": " ^", "down": " v"}.get(e.lr_at_edge or "", "")
@@ -219,7 +219,7 @@ def rows(result: StudyResult) -> list[dict[str, str]]:
             "samples_s": count(e.samples_per_s),
             "time": fmt(e.time_to_target_s), "regret": regret,
             "measured_fitted": f"{fmt(e.measured_regret, 3)} / {fmt(e.fitted_regret, 3)}",
-            "band": "best" if e.batch_size == best else "yes" if e.batch_size in band else "",
+            "band": "chosen" if e.batch_size == chosen else "yes" if e.batch_size in band else "",
             "flags": ", ".join(flags(e)),
         })
     return out

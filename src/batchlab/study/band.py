@@ -124,3 +124,12 @@ def band(grid: list[int], log_t: dict[int, float], se: dict[int, float], best: i
             inside.append(b)
             j += step
     return sorted(inside)
+
+
+def middle(band_: list[int], log_t: dict[int, float]) -> int:
+    """The band's geometric middle: of its batch sizes, the one nearest sqrt(smallest x largest) in log B, the
+    faster of two equally near. Every B of the band is as fast as the best within the noise, so which is fastest
+    changes from seed to seed and run to run (the default study's plateau spans 32..4096 at 1.0-1.2x); its middle
+    is the point farthest from both edges, so the one another measurement's band most likely holds too."""
+    centre = (math.log(band_[0]) + math.log(band_[-1])) / 2
+    return min(band_, key=lambda b: (round(abs(math.log(b) - centre), 9), log_t[b], b))

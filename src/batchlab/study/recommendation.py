@@ -1,7 +1,7 @@
 """From a study's measurements to its answer: t(B) = alpha + beta B fitted to the throughput; per batch size the
 steps to target over seeds and the time to target T(B) = S(B) t(B); the band (``batchlab.study.band``); the
-recommendation, the band's point with the least estimated time to target (the geometric mean over seeds: the
-band says which others are as good within the noise); S(B) = S_min (1 + B_crit / B) fitted in log space to the
+recommendation, the band's middle (``band.middle``: on a plateau of B that are all as fast within the noise, the
+fastest is a coin toss between its ends, and the middle is the point another seed's band most likely holds too); S(B) = S_min (1 + B_crit / B) fitted in log space to the
 steps, weighted by their standard errors; and the study's cost. A quick study recommends sqrt(B_simple alpha /
 beta) from the noise scale and the throughput alone. The fits themselves are ``batchlab.scaling``'s.
 """
@@ -107,11 +107,15 @@ def _recommend_from_searches(result: StudyResult, throughput: list[Throughput], 
         e.regret, e.regret_low, e.regret_high = band.regret_interval(log_t[e.batch_size], se[e.batch_size],
                                                                      log_t[b0], se[b0])
         e.measured_regret = e.measured_steps * e.step_s / best.time_to_target_s
-    result.recommended_batch_size, result.recommended_lr = b0, best.lr
-    result.recommended_by = ("least estimated time to target S(B) x t(B): steps the geometric mean over "
-                             f"{len(result.seeds)} seed(s), made non-increasing in B")
-    result.time_to_target_s = best.time_to_target_s
     result.within_10_percent = band.band(result.grid, log_t, se, b0)
+    chosen = per_b[band.middle(result.within_10_percent, log_t)]
+    result.recommended_batch_size, result.recommended_lr = chosen.batch_size, chosen.lr
+    result.recommended_by = (
+        f"the middle of the band (B={_span(result.within_10_percent)}), whose every B reaches the target within 10% "
+        f"of the least estimated time to target (B={b0}) within the noise: the point least likely to leave the band "
+        f"when measured again; time S(B) x t(B), steps the geometric mean over {len(result.seeds)} seed(s), made "
+        "non-increasing in B")
+    result.time_to_target_s = chosen.time_to_target_s
     result.lr_at_edge = [e.batch_size for e in reached if e.lr_at_edge]
     result.unbracketed = [e.batch_size for e in reached if not e.bracketed]
     result.re_searched = [e.batch_size for e in result.batch_sizes if e.re_searched]
@@ -173,3 +177,7 @@ def _cost(study: Study, result: StudyResult, noise: NoiseScale) -> StudyCost:
         cost.steps_x = cost.steps / rec.steps
         cost.wall_x = cost.wall_s / rec.time_to_target_s
     return cost
+
+
+def _span(batch_sizes: list[int]) -> str:
+    return f"{batch_sizes[0]}..{batch_sizes[-1]}" if len(batch_sizes) > 1 else str(batch_sizes[0])
