@@ -21,6 +21,7 @@ Written here because no library computes these: they are a few lines of algebra 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -114,6 +115,12 @@ def per_example_gradients(module: nn.Module, loss_fn: LossFn, batch: tuple[Tenso
                           preconditioner: Preconditioner = None) -> tuple[Tensor, float]:
     """The batch's mean gradient (one flat vector) and the mean squared norm of its per-example gradients, each
     divided by ``preconditioner`` where one is given."""
+    return per_example_norms(per_example_grads(module, loss_fn, batch), preconditioner)
+
+
+def per_example_grads(module: nn.Module, loss_fn: LossFn, batch: tuple[Tensor, ...]) -> dict[str, Tensor]:
+    """Each example's gradient, by parameter name (shape: batch x parameter), from ``torch.func.vmap`` over
+    ``torch.func.grad``; ``module``'s own parameters and ``.grad`` are left as they were."""
     from torch.func import functional_call, grad, vmap
 
     wrapper = _LossModule(module, loss_fn)
@@ -125,7 +132,12 @@ def per_example_gradients(module: nn.Module, loss_fn: LossFn, batch: tuple[Tenso
         return functional_call(wrapper, inner, args=(tuple(t.unsqueeze(0) for t in example),))
 
     with refusing_vmap_fallback():
-        grads = vmap(grad(example_loss), in_dims=(None, *([0] * len(batch))))(params, *batch)
+        return vmap(grad(example_loss), in_dims=(None, *([0] * len(batch))))(params, *batch)
+
+
+def per_example_norms(grads: dict[str, Tensor], preconditioner: Preconditioner = None) -> tuple[Tensor, float]:
+    """From per-example gradients (``per_example_grads``), each divided by ``preconditioner`` where one is given:
+    their mean (one flat vector) and the mean of their squared norms."""
     grads = _divided(grads, preconditioner)
     per_example_sq = sum(g.flatten(1).pow(2).sum(1) for g in grads.values())  # |g_i|^2, shape (B,)
     return torch.cat([g.mean(0).reshape(-1) for g in grads.values()]), per_example_sq.mean().item()
@@ -152,6 +164,18 @@ def refusing_vmap_fallback() -> Iterator[None]:
         yield
     finally:
         functorch._set_vmap_fallback_enabled(was)
+
+
+def why_not_per_example(err: Exception) -> str:
+    """Why per-example gradients were not used, in a line. The estimator is chosen the same whatever the
+    message says: its text only words the report."""
+    lines = str(err).strip().splitlines()
+    first = lines[0][:200] if lines else type(err).__name__
+    slow = re.search(r"(aten::\w+) hit the vmap fallback", first)
+    if slow:
+        return (f"torch.func has no batching rule for {slow.group(1)}, so per-example gradients would run vmap's "
+                "slow fallback")
+    return f"torch.func cannot vmap the model ({type(err).__name__}: {first})"
 
 
 class _LossModule(nn.Module):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -161,7 +160,7 @@ def _noise_samples(study: Study, probe: LightningModule, batches: list[Any], met
             except Exception as err:  # noqa: BLE001 - any model torch.func cannot vmap falls back to plain autograd
                 if method == "per_example":
                     raise
-                why = _why_not_per_example(err)
+                why = scaling.why_not_per_example(err)
         b_big = extract_batch_size(batches[0])
         b_small = max(1, b_big // 16)
         return {"two_batch": [scaling.two_batch_noise(probe, loss_fn, _as_tuple(b), b_small, preconditioner)
@@ -197,7 +196,7 @@ def _data_parallel_samples(study: Study, probe: LightningModule, loss_fn: Any, b
             except Exception as err:  # noqa: BLE001 - as on one device, fall back to plain autograd
                 if method == "per_example":
                     raise
-                per_example, why = False, _why_not_per_example(err)
+                per_example, why = False, scaling.why_not_per_example(err)
         if per_example:
             out["per_example"].append(scaling.data_parallel_noise(grad, example_sq, 1, b_big, mean_over_ranks))
         else:
@@ -207,18 +206,6 @@ def _data_parallel_samples(study: Study, probe: LightningModule, loss_fn: Any, b
     if not per_example:
         del out["per_example"]
     return out, "per_example" if per_example else "ranks", why
-
-
-def _why_not_per_example(err: Exception) -> str:
-    """Why per-example gradients were not used, in a line. The estimator is chosen the same whatever the
-    message says: its text only words the report."""
-    lines = str(err).strip().splitlines()
-    first = lines[0][:200] if lines else type(err).__name__
-    slow = re.search(r"(aten::\w+) hit the vmap fallback", first)
-    if slow:
-        return (f"torch.func has no batching rule for {slow.group(1)}, so per-example gradients would run vmap's "
-                "slow fallback")
-    return f"torch.func cannot vmap the model ({type(err).__name__}: {first})"
 
 
 def _rows(batch: Any, start: int, stop: int) -> Any:
