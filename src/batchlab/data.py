@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from batchlab.batching import BatchSizes
 from batchlab.errors import (ConfigError, FiniteFloat, Fraction, NonNegativeFloat, PositiveInt, check,
                              check_arguments)
 from batchlab.notebook import NOTEBOOK_X, NOTEBOOK_Y
@@ -134,10 +135,12 @@ class TensorBatches:
         self.batch_sampler = None
         self.dataset = TensorDataset(*self.tensors)
         self._rows = _row_store(self.tensors) if shuffle else None
+        # Set by a batch-size warmup (``batching.resizable``): each batch's size is then read from it as it is cut.
+        self.sizes: Optional[BatchSizes] = None
 
     def __len__(self) -> int:
-        rows = len(self.sampler)
-        return rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size)
+        rows, b = len(self.sampler), self.sizes.latest if self.sizes is not None else self.batch_size
+        return rows // b if self.drop_last else math.ceil(rows / b)
 
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         # A single-process DataLoader iterator draws a base seed for its workers even when it has none; draw it
@@ -148,6 +151,9 @@ class TensorBatches:
         if order is not None and order.device != device:
             order = order.to(device, non_blocking=True)
         tensors, b = self.tensors, self.batch_size
+        if self.sizes is not None:
+            yield from self._growing(order)
+            return
         # Written out for speed: at the seed's sizes this loop runs once per step, beside a step of a fraction of a
         # millisecond (docs/performance.md).
         if order is None:
@@ -167,6 +173,24 @@ class TensorBatches:
             for start in range(0, len(self) * b, b):
                 idx = order[start : start + b]
                 yield tuple(t.index_select(0, idx) for t in tensors)
+
+
+    def _growing(self, order: Optional[Tensor]) -> Iterator[tuple[Tensor, ...]]:
+        """The batches of one epoch, each as large as ``sizes`` says when it is cut."""
+        sizes, rows = self.sizes, len(self.sampler)
+        sizes.start_epoch()
+        start = 0
+        while start < rows:
+            b = sizes.peek()
+            if self.drop_last and start + b > rows:
+                return
+            sizes.cut()
+            if order is None:
+                yield tuple(t[start : start + b] for t in self.tensors)
+            else:
+                idx = order[start : start + b]
+                yield tuple(t.index_select(0, idx) for t in self.tensors)
+            start += b
 
 
 # Above this many bytes of data, gathering a shuffled batch row by row from each tensor misses the CPU caches once

@@ -33,6 +33,7 @@ from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_has
 
 from batchlab.files import write_json
 from batchlab.runs import device_name, global_batch_size, global_seed, log_hparams, run_dir, run_hparams
+from batchlab.callbacks import BatchSizeChange, BatchSizeWarmup, NoiseReading, NoiseScaleMonitor
 from batchlab.signals import signal_of
 from batchlab.tune import BatchSizeSearch
 from batchlab.tune_result import TuneResult
@@ -68,6 +69,11 @@ class FitSummary:
     # Where a batch-size search ran at the start of the fit: the size it started from, and what it found.
     batch_size_initial: Optional[int] = None
     batch_size_search: Optional[TuneResult] = field(default=None)
+    # Where a BatchSizeWarmup ran: each global batch size it trained at, from which step, and why.
+    batch_size_schedule: Optional[list[BatchSizeChange]] = None
+    # Where a NoiseScaleMonitor ran: its last reading (the averages at that step) and how many it made.
+    noise_scale: Optional[NoiseReading] = None
+    noise_scale_readings: int = 0
 
 
 class RunSummary(Callback):
@@ -215,6 +221,12 @@ class RunSummary(Callback):
         if search is not None:  # a search ran at the start of this fit
             summary.batch_size_initial = search.batch_size_initial
             summary.batch_size_search = search
+        warmup = next((c for c in trainer.callbacks if isinstance(c, BatchSizeWarmup)), None)
+        if warmup is not None and warmup.changes:
+            summary.batch_size_schedule = list(warmup.changes)
+        monitor = next((c for c in trainer.callbacks if isinstance(c, NoiseScaleMonitor)), None)
+        if monitor is not None and monitor.readings:
+            summary.noise_scale, summary.noise_scale_readings = monitor.readings[-1], len(monitor.readings)
         return summary
 
     @staticmethod
@@ -262,6 +274,14 @@ def format_summary(s: FitSummary) -> str:
         search = s.batch_size_search
         lines.append(f"  batch search  from {s.batch_size_initial} to {s.batch_size} "
                      f"({search.mode}, stopped because {search.stopped_because})")
+    if s.batch_size_schedule and len(s.batch_size_schedule) > 1:
+        grown = " -> ".join(f"{c.batch_size} (step {c.step})" for c in s.batch_size_schedule[1:])
+        lines.append(f"  batch warmup  {s.batch_size_schedule[0].batch_size} -> {grown} global")
+    if s.noise_scale is not None:
+        n = s.noise_scale
+        adam = f", {n.b_simple_adam:.4g} preconditioned" if n.b_simple_adam is not None else ""
+        lines.append(f"  noise scale   B_simple {n.b_simple:.4g}{adam} at step {n.step} ({n.method}, "
+                     f"{s.noise_scale_readings} readings)")
     lines.append(f"  trained       {s.epochs} epochs, {s.steps} steps, {s.samples_seen} samples")
     step_ms = f", {s.step_s * 1e3:.3f} ms/step steady" if s.step_s else ""
     rate = f"{s.samples_per_s:,.0f} samples/s" if s.samples_per_s else "n/a"
