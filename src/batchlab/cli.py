@@ -32,7 +32,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from batchlab.arguments import amend, expand_switches, given_settings, verbose_flag
 from batchlab.errors import ConfigError, one_line
-from batchlab.preflight import check_checkpoint, check_config_files, check_data, check_run, replaced_by_checkpoint
+from batchlab.preflight import (check_callbacks, check_checkpoint, check_config_files, check_data, check_run,
+                                replaced_by_checkpoint)
 from batchlab.quiet import STARTUP_LINES, drop_noise, set_verbose
 from batchlab.runs import global_seed
 from batchlab.signals import RunInterrupted, StopTogether, noting_signals, signal_of
@@ -192,6 +193,7 @@ class BatchlabCLI(LightningCLI):
         super().instantiate_classes()
         check_run(self.trainer)
         check_data(self.datamodule, self.trainer, self.subcommand)
+        check_callbacks(self.model, self.datamodule, self.trainer, self.subcommand)
 
     def _subcommand_config(self) -> Any:
         return self.config_init[self.subcommand] if self.subcommand else self.config_init

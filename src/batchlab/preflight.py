@@ -101,6 +101,40 @@ def check_data(datamodule: Any, trainer: Trainer, subcommand: Optional[str]) -> 
         datamodule.check_val_split()
 
 
+def check_callbacks(model: Any, datamodule: Any, trainer: Trainer, subcommand: Optional[str]) -> None:
+    """Raise ``ConfigError`` where batchlab's noise-scale monitor or batch-size warmup cannot run this ``fit`` as
+    configured (the callbacks check it again when the fit starts, too late to leave nothing written)."""
+    from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr
+
+    from batchlab.callbacks import BatchSizeWarmup, NoiseScaleMonitor
+
+    ours = [c for c in trainer.callbacks if isinstance(c, (NoiseScaleMonitor, BatchSizeWarmup))]
+    if subcommand != "fit" or not ours:
+        return
+    configured = model.configure_optimizers()  # the optimizers the fit will build, for what they can hold
+    optimizers = [o for o in _optimizers(configured) if isinstance(o, torch.optim.Optimizer)]
+    size = getattr(datamodule, "batch_size", None)
+    if size is None and lightning_hasattr(model, "batch_size"):
+        size = lightning_getattr(model, "batch_size")
+    for c in ours:
+        if isinstance(c, NoiseScaleMonitor):
+            c.check_fit(trainer, model, optimizers)
+        else:
+            c.check_fit(trainer, optimizers, size if isinstance(size, int) else None)
+
+
+def _optimizers(configured: Any) -> list[Any]:
+    """The optimizers in whatever ``configure_optimizers`` returned (one, a list or tuple, a dict or dicts)."""
+    if isinstance(configured, dict):
+        return [configured.get("optimizer")]
+    if isinstance(configured, (list, tuple)):
+        out = []
+        for item in configured:
+            out += _optimizers(item) if isinstance(item, (dict, list, tuple)) else [item]
+        return out
+    return [configured]
+
+
 def check_trainer_settings(trainer: Trainer) -> None:
     for name in ("accumulate_grad_batches", "log_every_n_steps"):
         value = getattr(trainer, name)

@@ -116,7 +116,9 @@ class NoiseScaleMonitor(Callback):
         return last.b_simple_adam if last.b_simple_adam is not None else last.b_simple
 
     # Setup: what the fit allows, checked before training.
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def check_fit(self, trainer: Trainer, pl_module: LightningModule, optimizers: list[Any]) -> bool:
+        """Raise ``ConfigError`` where this fit cannot be monitored as configured; returns whether the optimizer is
+        Adam-family. ``batchlab.preflight`` calls it before anything is written, ``on_fit_start`` again."""
         if not pl_module.automatic_optimization:
             raise ConfigError("NoiseScaleMonitor needs Lightning's automatic optimization: the module sets "
                               "automatic_optimization = False")
@@ -127,13 +129,16 @@ class NoiseScaleMonitor(Callback):
         if self.estimator == "micro_batches" and accumulate < 2:
             raise ConfigError("NoiseScaleMonitor estimator=micro_batches needs accumulate_grad_batches >= 2; it is "
                               f"{accumulate}: use estimator auto")
-        optimizers = trainer.optimizers
         readable = bool(optimizers) and all("betas" in g and "eps" in g for g in optimizers[0].param_groups)
         if self.preconditioned and not readable:
             name = type(optimizers[0]).__name__ if optimizers else "no optimizer"
             raise ConfigError(f"NoiseScaleMonitor preconditioned=true needs an Adam-family optimizer (betas and eps "
                               f"in its param groups, exp_avg_sq in its state); the model's is {name}: use "
                               "preconditioned null or false")
+        return readable
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        readable = self.check_fit(trainer, pl_module, trainer.optimizers)
         self._adam = readable and self.preconditioned is not False
         self._averages = {"raw": _Average(self.decay), "adam": _Average(self.decay)}
         self._measuring = False
@@ -183,7 +188,7 @@ class NoiseScaleMonitor(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self.samples_seen += extract_batch_size(batch) * trainer.world_size
+        self.samples_seen += _rows(batch) * trainer.world_size
 
     def _views_now(self, trainer: Trainer, pl_module: LightningModule) -> gradients.Views:
         views: gradients.Views = {"raw": None}
@@ -219,12 +224,12 @@ class NoiseScaleMonitor(Callback):
                 self.method_reason = "per-example gradients need batches that are tuples of tensors"
         if self._ranks is not None and self.estimator in ("auto", "ranks"):
             self.method = "ranks"
-            b_local = extract_batch_size(batch) * trainer.accumulate_grad_batches
+            b_local = _rows(batch) * trainer.accumulate_grad_batches
             return self._ranks.samples(pl_module, b_local, world, reduce)
         if self._micro is not None and self.estimator in ("auto", "micro_batches"):
             self.method = "micro_batches"
-            return self._micro.samples(extract_batch_size(batch))
-        if not tensors or extract_batch_size(batch) < 2:
+            return self._micro.samples(_rows(batch))
+        if not tensors or _rows(batch) < 2:
             return None
         self.method = "two_batch"
         return gradients.two_batch(self._probe_for(trainer, pl_module), tuple(batch), self._views, world, reduce)
@@ -274,3 +279,10 @@ class NoiseScaleMonitor(Callback):
                 a.g2, a.trace, a.n = g2, trace, n
             self.samples_seen = restored.get("samples_seen", 0)
             self.method = restored.get("method")
+
+
+def _rows(batch: Any) -> int:
+    # Every step: the common case without Lightning's general (and slower) walk over the batch.
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return len(batch[0])
+    return extract_batch_size(batch)

@@ -25,8 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal, Optional
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.parsing import lightning_hasattr, lightning_setattr
+from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr, lightning_setattr
 
 from batchlab.batching import BatchSizes, resizable
 from batchlab.callbacks.noise_monitor import NoiseScaleMonitor
@@ -101,17 +100,28 @@ class BatchSizeWarmup(Callback):
             self.sizes = BatchSizes.from_state(restored["sizes"]) if restored else BatchSizes(size)
         return self.sizes
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.optimizers:
+    def check_fit(self, trainer: Trainer, optimizers: list[Any], batch_size: Optional[int]) -> None:
+        """Raise ``ConfigError`` where this fit cannot warm up as configured (``batch_size``: per device, where
+        known). ``batchlab.preflight`` calls it before anything is written, the fit's start again."""
+        if not optimizers:
             raise ConfigError("BatchSizeWarmup needs an optimizer to move the learning rate with the batch")
+        if self.schedule is None and not any(isinstance(c, NoiseScaleMonitor) for c in trainer.callbacks):
+            raise ConfigError("BatchSizeWarmup without a schedule follows the noise scale: add "
+                              "batchlab.callbacks.NoiseScaleMonitor to the trainer's callbacks, or give a schedule")
+        if batch_size is not None and self.max_batch_size is not None:
+            start = batch_size * trainer.world_size
+            check(self.max_batch_size >= start, f"BatchSizeWarmup max_batch_size={self.max_batch_size} is below the "
+                                                f"starting global batch {start}: give a larger max_batch_size")
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        size = lightning_getattr(pl_module, "batch_size") if lightning_hasattr(pl_module, "batch_size") else None
+        self.check_fit(trainer, trainer.optimizers, size if isinstance(size, int) else None)
         adam = all("betas" in g for g in trainer.optimizers[0].param_groups)
         self._rule = {"auto": "sqrt" if adam else "linear"}.get(self.lr_rule, self.lr_rule)
         self._monitor = next((c for c in trainer.callbacks if isinstance(c, NoiseScaleMonitor)), None)
-        if self.schedule is None and self._monitor is None:
-            raise ConfigError("BatchSizeWarmup without a schedule follows the noise scale: add "
-                              "batchlab.callbacks.NoiseScaleMonitor to the trainer's callbacks, or give a schedule")
         self._reasons: dict[int, str] = {}
         self._readings_seen = self._readings_at_growth = 0
+        self._logged_at = -1
         if self._restored is not None:
             self.changes = [BatchSizeChange(**c) for c in self._restored.get("changes", [])]
             self._lr_scale = self._restored.get("lr_scale", 1.0)
@@ -122,7 +132,9 @@ class BatchSizeWarmup(Callback):
                                       "train_dataloader(); pass a datamodule or define train_dataloader")
         world = trainer.world_size
         start = self.sizes.current
-        self._max = self._max_batch_size(trainer) // world
+        rows = self._rows_per_device(trainer)
+        # A batch cannot hold more than a device's share of the data.
+        self._max = min(self._max_batch_size(trainer) // world, rows or math.inf)
         check(self._max >= start, f"BatchSizeWarmup max_batch_size={self._max * world} is below the starting "
                                   f"global batch {start * world}: give a larger max_batch_size")
         if not self.changes:
@@ -156,13 +168,19 @@ class BatchSizeWarmup(Callback):
     def _max_batch_size(self, trainer: Trainer) -> int:
         if self.max_batch_size is not None:
             return self.max_batch_size
-        found = [getattr(c, "optimal_batch_size", None) for c in trainer.callbacks]
-        found = [b for b in found if isinstance(b, int)]
-        if found:
+        found = [b for b in (getattr(c, "optimal_batch_size", None) for c in trainer.callbacks) if isinstance(b, int)]
+        if found:  # a batch-size finder ran earlier in this fit: its limit (memory, on a GPU)
             return found[-1] * trainer.world_size
+        return (self._rows_per_device(trainer) or self.sizes.current) * trainer.world_size
+
+    @staticmethod
+    def _rows_per_device(trainer: Trainer) -> Optional[int]:
         loader = trainer.train_dataloader
-        sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None) or getattr(loader, "sampler")
-        return len(sampler) * trainer.world_size
+        sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None) or getattr(loader, "sampler", None)
+        try:
+            return len(sampler)
+        except TypeError:
+            return None
 
     # Each step: the LR follows a batch of a new size; after a reading, the noise scale may grow the batch.
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -174,6 +192,8 @@ class BatchSizeWarmup(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self.sizes.trained += 1
+        if trainer.global_step % trainer.log_every_n_steps == 0 and trainer.global_step != self._logged_at:
+            self._log(trainer, trainer.global_step)  # at Lightning's cadence too: a curve, not four points
         m = self._monitor
         if self.schedule is not None or len(m.readings) == self._readings_seen:
             return  # the noise scale is read on the steps it is measured, which are the same on every rank
@@ -224,14 +244,16 @@ class BatchSizeWarmup(Callback):
                                             _lr(trainer), reason))
         self._log(trainer)
 
-    @rank_zero_only
-    def _log(self, trainer: Trainer) -> None:
+    def _log(self, trainer: Trainer, step: Optional[int] = None) -> None:
+        """``train/batch_size`` (global) and ``train/lr`` now, at a change's step by default."""
         c = self.changes[-1]
-        metrics = {"train/batch_size": float(c.batch_size)}
-        if c.lr is not None:
-            metrics["train/lr"] = c.lr
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=c.step)
+        self._logged_at = c.step if step is None else step
+        if trainer.is_global_zero:
+            metrics = {"train/batch_size": float(self.sizes.current * trainer.world_size)}
+            if (lr := _lr(trainer)) is not None:
+                metrics["train/lr"] = lr
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=self._logged_at)
 
     def state_dict(self) -> dict[str, Any]:
         return {"sizes": self.sizes.state_dict() if self.sizes else None,
