@@ -274,3 +274,19 @@ def test_normed_classifier_is_monitored_by_two_batch_with_the_reason(tmp_path):
     monitor = NoiseScaleMonitor(every_n_steps=4)
     _trainer(tmp_path, [monitor], 12).fit(NormedClassifier(), Blobs(batch_size=32))
     assert monitor.method == "two_batch" and monitor.method_reason and len(monitor.readings) == 3
+
+
+class Stream(LightningDataModule):
+    def train_dataloader(self):
+        class Rows(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                for _ in range(64):
+                    x = torch.rand(2)
+                    yield x, x.sum(0, keepdim=True)
+
+        return DataLoader(Rows(), batch_size=8)
+
+
+def test_a_loader_the_warmup_cannot_resize_is_refused_by_name(tmp_path):
+    with pytest.raises(ConfigError, match="cannot change the batch size of a Rows: it needs a train_dataloader"):
+        _trainer(tmp_path, [BatchSizeWarmup(schedule=[2])], 5).fit(MLPRegressor(), Stream())
