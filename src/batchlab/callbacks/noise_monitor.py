@@ -150,6 +150,7 @@ class NoiseScaleMonitor(Callback):
         self._restore()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._started = True
         if trainer.world_size > 1 and self.estimator in ("auto", "ranks"):
             ranks = gradients.RankNorms(pl_module)
             try:
@@ -162,6 +163,8 @@ class NoiseScaleMonitor(Callback):
 
     # Each step: choose, measure, average, log.
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self._started:
+            return  # a batch-size finder's trials, in on_fit_start before this callback's: not the fit
         step = trainer.global_step
         measuring = (step + 1) % self.every_n_steps == 0
         if measuring and not self._measuring:  # the first micro-batch of a measured step
@@ -188,6 +191,8 @@ class NoiseScaleMonitor(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if not self._started:
+            return
         self.samples_seen += _rows(batch) * trainer.world_size
 
     def _views_now(self, trainer: Trainer, pl_module: LightningModule) -> gradients.Views:
@@ -266,6 +271,7 @@ class NoiseScaleMonitor(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._restored: Optional[dict[str, Any]] = None
+        self._started, self._measuring = False, False
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Lightning restores callbacks after ``setup`` and before ``on_fit_start``, which applies this.

@@ -89,6 +89,9 @@ class BatchSizeWarmup(Callback):
 
         source.train_dataloader = train_dataloader  # this instance only; put back at teardown
         self.sizes, self.changes, self._lr_scale = None, [], 1.0
+        # A batch-size finder runs its trials in on_fit_start, before this callback's (Lightning puts it first):
+        # the warmup starts with the fit's own training, at the size the finder leaves.
+        self._started = False
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and "train_dataloader" in vars(getattr(self, "_source", object())):
@@ -98,6 +101,9 @@ class BatchSizeWarmup(Callback):
         if self.sizes is None:
             restored, self._restored = self._restored, None
             self.sizes = BatchSizes.from_state(restored["sizes"]) if restored else BatchSizes(size)
+            self._fresh = restored is None
+        elif not self._started and self._fresh:  # built again before training (a finder's trials): start there
+            self.sizes.changes, self.sizes.cut_count, self.sizes.trained = [(0, size)], 0, 0
         return self.sizes
 
     def check_fit(self, trainer: Trainer, optimizers: list[Any], batch_size: Optional[int]) -> None:
@@ -130,6 +136,7 @@ class BatchSizeWarmup(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         check(self.sizes is not None, "BatchSizeWarmup: the train dataloader was not built through "
                                       "train_dataloader(); pass a datamodule or define train_dataloader")
+        self._started = True
         world = trainer.world_size
         start = self.sizes.current
         rows = self._rows_per_device(trainer)
@@ -184,6 +191,8 @@ class BatchSizeWarmup(Callback):
 
     # Each step: the LR follows a batch of a new size; after a reading, the noise scale may grow the batch.
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self._started:
+            return
         index = self.sizes.trained
         while self._pending and self._pending[0][0] <= index:
             first, size = self._pending.pop(0)
@@ -191,6 +200,8 @@ class BatchSizeWarmup(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if not self._started:
+            return
         self.sizes.trained += 1
         if trainer.global_step % trainer.log_every_n_steps == 0 and trainer.global_step != self._logged_at:
             self._log(trainer, trainer.global_step)  # at Lightning's cadence too: a curve, not four points
