@@ -218,6 +218,32 @@ def _same_on_both_ranks(records):
     return rank0
 
 
+def test_a_schedule_under_ddp_grows_every_ranks_batch_and_lr_at_its_steps_and_the_monitor_agrees(tmp_path):
+    """batchlab's own loader (``TensorBatches``, sharded by itself), SGD, per-example gradients all-reduced."""
+    summary, records = _callbacks_fit(
+        tmp_path, "-c", SEED, "--data.n_samples", "2048", "--data.batch_size", "8", "--trainer.max_steps", "60",
+        *_monitor(5), *_warmup("--trainer.callbacks.schedule=[10, 20]", "--trainer.callbacks.max_batch_size=1024"))
+    rank = _same_on_both_ranks(records)
+    # 1024 rows per rank: 10 x 8 + 10 x 16 + 24 x 32 leave 16 for the epoch's last batch (step 44), then epoch 2.
+    expected = {s: 8 if s < 10 else 16 if s < 20 else 16 if s == 44 else 32 for s in range(60)}
+    assert rank["sizes"] == expected
+    assert rank["lrs"] == pytest.approx({s: 0.001 if s < 10 else 0.002 if s < 20 else 0.004 for s in range(60)})
+    assert rank["changes"] == [[0, 16, "start"], [10, 32, "schedule: steps 10"], [20, 64, "schedule: steps 20"]]
+    # The summary's schedule is of global batches (per device x 2 ranks), with the samples of all ranks.
+    assert [(c["step"], c["samples"], c["batch_size"], c["reason"]) for c in summary["batch_size_schedule"]] == [
+        (0, 0, 16, "start"), (10, 160, 32, "schedule: steps 10"), (20, 480, 64, "schedule: steps 20")]
+    assert [c["lr"] for c in summary["batch_size_schedule"]] == pytest.approx([0.001, 0.002, 0.004])
+    assert summary["samples_seen"] == 2 * sum(expected.values()) and summary["global_batch_size"] == 64
+
+    assert [r[0] for r in rank["readings"]] == list(range(4, 60, 5))
+    assert all(r[2] == "per_example" and math.isfinite(r[1]) for r in rank["readings"])
+    # auto hooks DDP's all-reduce too, in case per-example gradients fail; it reads the buckets on measured steps
+    # only (it once went on reading every step after the first, for nothing).
+    assert rank["hook_reads"] == [r[0] for r in rank["readings"]]
+    assert summary["noise_scale"]["method"] == "per_example" and summary["noise_scale_readings"] == 12
+    assert summary["noise_scale"]["step"] == 59 and summary["noise_scale"]["b_simple"] == rank["readings"][-1][1]
+
+
 @pytest.mark.parametrize("model, estimator", [("Classifier", "ranks"), ("NormedClassifier", "auto")])
 def test_the_ranks_estimator_measures_through_ddps_all_reduce_alike_on_every_rank(tmp_path, model, estimator):
     """``estimator=ranks``: each rank's gradient read by a DDP communication hook before the all-reduce; ``auto``
