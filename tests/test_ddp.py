@@ -244,6 +244,29 @@ def test_a_schedule_under_ddp_grows_every_ranks_batch_and_lr_at_its_steps_and_th
     assert summary["noise_scale"]["step"] == 59 and summary["noise_scale"]["b_simple"] == rank["readings"][-1][1]
 
 
+def test_the_noise_scale_grows_every_ranks_batch_at_the_same_step_on_a_dataloader(tmp_path):
+    """``probes.NoisyLinear`` holds B_simple near 5 + 4 x 10^2 = 405 (LR 0): from 16 global the batch doubles to 32
+    and 64 (max_batch_size), each decided on rank 0 once 10 readings at the size pass 2 x the batch. Its data is a
+    plain shuffled DataLoader, which Lightning rebuilds around a DistributedSampler with the warmup's
+    GrowingBatchSampler kept."""
+    summary, records = _callbacks_fit(
+        tmp_path, "--model.class_path=probes.NoisyLinear", "--data.class_path=probes.NoisyLinearData",
+        "--data.init_args.sigma=10", "--data.init_args.batch_size=8", "--trainer.max_steps=150",
+        *_monitor(2), *_warmup("--trainer.callbacks.max_batch_size=64", "--trainer.callbacks.min_readings=10"))
+    rank = _same_on_both_ranks(records)
+    grown = summary["batch_size_schedule"][1:]
+    assert [c["batch_size"] for c in grown] == [32, 64] and all(c["reason"].startswith("noise scale") for c in grown)
+    assert rank["changes"][1:] == [[c["step"], c["batch_size"], c["reason"]] for c in grown]
+    measured = {r[0] for r in rank["readings"]}
+    for c in grown:
+        # Decided at the end of a measured step; from the next batch on, every rank trains half the global batch.
+        assert c["step"] - 1 in measured and float(c["reason"].split()[2]) > c["batch_size"]
+        assert rank["sizes"][c["step"] - 1] == c["batch_size"] // 4 and rank["sizes"][c["step"]] == c["batch_size"] // 2
+    assert grown[0]["step"] >= 2 * 10 and grown[1]["step"] - grown[0]["step"] >= 2 * 10, "min_readings at each size"
+    assert set(rank["sizes"].values()) == {8, 16, 32} and set(rank["lrs"].values()) == {0.0}
+    assert all(r[2] == "per_example" for r in rank["readings"]) and len(rank["readings"]) == 75
+
+
 @pytest.mark.parametrize("model, estimator", [("Classifier", "ranks"), ("NormedClassifier", "auto")])
 def test_the_ranks_estimator_measures_through_ddps_all_reduce_alike_on_every_rank(tmp_path, model, estimator):
     """``estimator=ranks``: each rank's gradient read by a DDP communication hook before the all-reduce; ``auto``
