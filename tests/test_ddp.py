@@ -3,7 +3,8 @@ trains on its own shard of every epoch, the shuffle is ``DistributedSampler``'s,
 reports, with the global batch size = per device x devices x accumulated batches.
 
 Lightning starts rank 1 by re-running the command line, so these tests run ``python -m batchlab.cli`` in a
-subprocess and observe the ranks through ``probes.RecordSeenRows``, a callback named on the command line.
+subprocess and observe the ranks through ``probes.RecordSeenRows`` (or ``probes.RecordBatchSizes``, for
+``NoiseScaleMonitor`` and ``BatchSizeWarmup``), a callback named on the command line.
 """
 
 import csv
@@ -180,3 +181,108 @@ def test_a_loss_that_is_not_finite_on_one_rank_alone_stops_every_rank_of_a_study
     _ok(run_command(tmp_path, *args, timeout=120))
     gns = json.loads((tmp_path / "ddp" / "gns.json").read_text())
     assert [p["step"] for p in gns["points"]] == [0, 20]  # stopped at step 31, before the snapshot at 40
+
+
+# The callbacks under DDP: NoiseScaleMonitor and BatchSizeWarmup work on the global batch, and every rank trains
+# each step at the same batch size and LR and holds the same noise-scale readings.
+def _callbacks_fit(tmp_path, *args):
+    """A DDP ``batchlab fit`` of ``args`` (a ``-c`` config first: after the DDP arguments it would put back its own
+    devices) with ``probes.RecordBatchSizes`` last in its callbacks; returns the summary and, per rank, the record:
+    ``sizes`` and ``lrs`` by step, ``readings`` and ``changes``."""
+    out = tmp_path / "sizes"
+    proc = run_command(tmp_path, "fit", *args, *QUIET, *DDP, "--trainer.callbacks+=probes.RecordBatchSizes",
+                       f"--trainer.callbacks.out_dir={out}", timeout=120)
+    _ok(proc)
+    assert "2 device(s) x 1 node(s)" in proc.stdout
+    records = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for record in records:
+        record["sizes"] = {int(k): v for k, v in record["sizes"].items()}
+        record["lrs"] = {int(k): v for k, v in record["lrs"].items()}
+    (log_dir,) = run_dirs(tmp_path)
+    return load_summary(log_dir), records
+
+
+def _monitor(every, *more):
+    return ["--trainer.callbacks+=batchlab.callbacks.NoiseScaleMonitor", f"--trainer.callbacks.every_n_steps={every}",
+            *more]
+
+
+def _warmup(*more):
+    return ["--trainer.callbacks+=batchlab.callbacks.BatchSizeWarmup", *more]
+
+
+def _same_on_both_ranks(records):
+    rank0, rank1 = records
+    assert rank0["sizes"] == rank1["sizes"] and rank0["lrs"] == rank1["lrs"]
+    assert rank0["readings"] == rank1["readings"] and rank0["changes"] == rank1["changes"]
+    return rank0
+
+
+def test_a_schedule_under_ddp_grows_every_ranks_batch_and_lr_at_its_steps_and_the_monitor_agrees(tmp_path):
+    """batchlab's own loader (``TensorBatches``, sharded by itself), SGD, per-example gradients all-reduced."""
+    summary, records = _callbacks_fit(
+        tmp_path, "-c", SEED, "--data.n_samples", "2048", "--data.batch_size", "8", "--trainer.max_steps", "60",
+        *_monitor(5), *_warmup("--trainer.callbacks.schedule=[10, 20]", "--trainer.callbacks.max_batch_size=1024"))
+    rank = _same_on_both_ranks(records)
+    # 1024 rows per rank: 10 x 8 + 10 x 16 + 24 x 32 leave 16 for the epoch's last batch (step 44), then epoch 2.
+    expected = {s: 8 if s < 10 else 16 if s < 20 else 16 if s == 44 else 32 for s in range(60)}
+    assert rank["sizes"] == expected
+    assert rank["lrs"] == pytest.approx({s: 0.001 if s < 10 else 0.002 if s < 20 else 0.004 for s in range(60)})
+    assert rank["changes"] == [[0, 16, "start"], [10, 32, "schedule: steps 10"], [20, 64, "schedule: steps 20"]]
+    # The summary's schedule is of global batches (per device x 2 ranks), with the samples of all ranks.
+    assert [(c["step"], c["samples"], c["batch_size"], c["reason"]) for c in summary["batch_size_schedule"]] == [
+        (0, 0, 16, "start"), (10, 160, 32, "schedule: steps 10"), (20, 480, 64, "schedule: steps 20")]
+    assert [c["lr"] for c in summary["batch_size_schedule"]] == pytest.approx([0.001, 0.002, 0.004])
+    assert summary["samples_seen"] == 2 * sum(expected.values()) and summary["global_batch_size"] == 64
+
+    assert [r[0] for r in rank["readings"]] == list(range(4, 60, 5))
+    assert all(r[2] == "per_example" and math.isfinite(r[1]) for r in rank["readings"])
+    # auto hooks DDP's all-reduce too, in case per-example gradients fail; it reads the buckets on measured steps
+    # only (it once went on reading every step after the first, for nothing).
+    assert rank["hook_reads"] == [r[0] for r in rank["readings"]]
+    assert summary["noise_scale"]["method"] == "per_example" and summary["noise_scale_readings"] == 12
+    assert summary["noise_scale"]["step"] == 59 and summary["noise_scale"]["b_simple"] == rank["readings"][-1][1]
+
+
+def test_the_noise_scale_grows_every_ranks_batch_at_the_same_step_on_a_dataloader(tmp_path):
+    """``probes.NoisyLinear`` holds B_simple near 5 + 4 x 10^2 = 405 (LR 0): from 16 global the batch doubles to 32
+    and 64 (max_batch_size), each decided on rank 0 once 10 readings at the size pass 2 x the batch. Its data is a
+    plain shuffled DataLoader, which Lightning rebuilds around a DistributedSampler with the warmup's
+    GrowingBatchSampler kept."""
+    summary, records = _callbacks_fit(
+        tmp_path, "--model.class_path=probes.NoisyLinear", "--data.class_path=probes.NoisyLinearData",
+        "--data.init_args.sigma=10", "--data.init_args.batch_size=8", "--trainer.max_steps=150",
+        *_monitor(2), *_warmup("--trainer.callbacks.max_batch_size=64", "--trainer.callbacks.min_readings=10"))
+    rank = _same_on_both_ranks(records)
+    grown = summary["batch_size_schedule"][1:]
+    assert [c["batch_size"] for c in grown] == [32, 64] and all(c["reason"].startswith("noise scale") for c in grown)
+    assert rank["changes"][1:] == [[c["step"], c["batch_size"], c["reason"]] for c in grown]
+    measured = {r[0] for r in rank["readings"]}
+    for c in grown:
+        # Decided at the end of a measured step; from the next batch on, every rank trains half the global batch.
+        assert c["step"] - 1 in measured and float(c["reason"].split()[2]) > c["batch_size"]
+        assert rank["sizes"][c["step"] - 1] == c["batch_size"] // 4 and rank["sizes"][c["step"]] == c["batch_size"] // 2
+    assert grown[0]["step"] >= 2 * 10 and grown[1]["step"] - grown[0]["step"] >= 2 * 10, "min_readings at each size"
+    assert set(rank["sizes"].values()) == {8, 16, 32} and set(rank["lrs"].values()) == {0.0}
+    assert all(r[2] == "per_example" for r in rank["readings"]) and len(rank["readings"]) == 75
+
+
+@pytest.mark.parametrize("model, estimator", [("Classifier", "ranks"), ("NormedClassifier", "auto")])
+def test_the_ranks_estimator_measures_through_ddps_all_reduce_alike_on_every_rank(tmp_path, model, estimator):
+    """``estimator=ranks``: each rank's gradient read by a DDP communication hook before the all-reduce; ``auto``
+    takes it where torch.func cannot vmap the model (batch norm). With a step schedule on a plain DataLoader and
+    Adam (the LR x sqrt 2 at each doubling), over an epoch's end."""
+    summary, records = _callbacks_fit(
+        tmp_path, f"--model.class_path=study_models.{model}", "--data.class_path=study_models.Blobs",
+        "--data.init_args.batch_size=8", "--trainer.max_steps=60", "--trainer.limit_val_batches=0",
+        *_monitor(5, f"--trainer.callbacks.estimator={estimator}"),
+        *_warmup("--trainer.callbacks.schedule=[10, 20]", "--trainer.callbacks.max_batch_size=1024"))
+    rank = _same_on_both_ranks(records)
+    # 768 training rows per rank (DistributedSampler's shard): 10 x 8 + 10 x 16 + 16 x 32 leave 16 at step 36.
+    assert rank["sizes"] == {s: 8 if s < 10 else 16 if s < 20 or s == 36 else 32 for s in range(60)}
+    assert rank["lrs"] == pytest.approx({s: 1e-3 * math.sqrt(2) ** ((s >= 10) + (s >= 20)) for s in range(60)})
+    assert [c["batch_size"] for c in summary["batch_size_schedule"]] == [16, 32, 64]
+    assert [r[0] for r in rank["readings"]] == list(range(4, 60, 5))
+    assert all(r[2] == "ranks" and math.isfinite(r[1]) and r[1] > 0 for r in rank["readings"])
+    assert rank["hook_reads"] == [r[0] for r in rank["readings"]]
+    assert summary["noise_scale"]["method"] == "ranks" and summary["noise_scale"]["b_simple_adam"] is not None

@@ -178,7 +178,10 @@ class RankNorms:
         return out
 
 
-def _read_then_all_reduce(state: RankNorms, bucket: Any) -> torch.futures.Future:
+# No annotations on ``bucket`` and the return: DDP's ``register_comm_hook`` refuses a hook whose annotations are not
+# exactly ``dist.GradBucket`` and ``Future[Tensor]``, and under ``from __future__ import annotations`` they are
+# strings, so any annotation at all made registration fail (and ``auto`` silently go without this estimator).
+def _read_then_all_reduce(state, bucket):  # (RankNorms, dist.GradBucket) -> Future[Tensor]
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     if state.views:

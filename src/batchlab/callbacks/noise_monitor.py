@@ -186,6 +186,10 @@ class NoiseScaleMonitor(Callback):
         self._measuring = False
         samples = self._measure(trainer, pl_module)
         self._micro = None
+        if self._ranks is not None:
+            # The hook has read this step; where another estimator measured, nothing else stops it reading (and
+            # summing norms of) every later step's buckets too.
+            self._ranks.views = None
         if samples is not None:
             self._record(trainer, samples)
 
