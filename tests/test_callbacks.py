@@ -290,3 +290,19 @@ class Stream(LightningDataModule):
 def test_a_loader_the_warmup_cannot_resize_is_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match="cannot change the batch size of a Rows: it needs a train_dataloader"):
         _trainer(tmp_path, [BatchSizeWarmup(schedule=[2])], 5).fit(MLPRegressor(), Stream())
+
+
+def test_after_a_batch_size_finder_the_warmup_starts_at_its_size_and_stops_at_its_limit(tmp_path):
+    from lightning.pytorch.callbacks import BatchSizeFinder
+
+    finder = BatchSizeFinder(mode="power", init_val=8, max_trials=2, steps_per_trial=2)
+    warmup, monitor = BatchSizeWarmup(schedule=[5, 10, 15]), NoiseScaleMonitor(every_n_steps=5)
+    seed_everything(0)
+    recorder = Recorder()
+    data = ToyRegressionData(n_samples=4096, noise=1.0, batch_size=8)
+    _trainer(tmp_path, [recorder, monitor, warmup, finder], 20).fit(MLPRegressor(), data)
+    found = finder.optimal_batch_size
+    assert found == 16, "max_trials=2 from 8: one doubling (CPU memory never runs out)"
+    assert recorder.sizes[0] == found and recorder.sizes[5] == found, "the finder's size, and no room above it"
+    assert [(c.step, c.batch_size) for c in warmup.changes] == [(0, found)]
+    assert [r.step for r in monitor.readings] == [4, 9, 14, 19], "the finder's trials are not the fit"
