@@ -19,6 +19,8 @@ def _bench():
     return module
 
 
+# slow: the default suite must stay under 5 minutes on 2 cores; the others cover this path there too.
+@pytest.mark.slow
 def test_bench_measures_each_variant_in_its_own_process_and_writes_json(tmp_path, capsys):
     bench = _bench()
     out = tmp_path / "bench.json"

@@ -54,7 +54,17 @@ D, SIGMA, DISTANCE = 4, 1.0, 1.0
 CLOSED_FORM = (D + 1) + D * SIGMA**2 / DISTANCE**2
 
 
-class LinearProblem(LightningModule):
+class _Regression(LightningModule):
+    """``self.net`` under the mean squared error, logging ``train/loss`` as a user's module would."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.mse_loss(self.net(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+
+class LinearProblem(_Regression):
     def __init__(self):
         super().__init__()
         g = torch.Generator().manual_seed(0)
@@ -63,12 +73,6 @@ class LinearProblem(LightningModule):
         self.net = nn.Linear(D, 1, bias=False).double()
         with torch.no_grad():
             self.net.weight.copy_((self.w_star + delta / delta.norm() * DISTANCE).T)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.mse_loss(self.net(x), y)
-        self.log("train/loss", loss)
-        return loss
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
@@ -102,19 +106,13 @@ def test_the_monitors_estimates_match_the_closed_form_of_a_linear_model(tmp_path
     assert last.b_simple_adam is None, "SGD: the raw gradient only"
 
 
-class Regularised(LightningModule):
+class Regularised(_Regression):
     """Dropout (the RNG) and batch norm (buffers updated in place): what a measurement beside the fit could
     disturb."""
 
     def __init__(self):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(2, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 1))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.mse_loss(self.net(x), y)
-        self.log("train/loss", loss)
-        return loss
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=1e-2)

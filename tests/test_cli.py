@@ -91,7 +91,7 @@ def test_parity_with_the_notebooks_loop_on_its_data(batchlab, tmp_path, seed):
     assert summary["predictions"]["y"][0][0] == pytest.approx(expected, abs=1e-5)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [pytest.param(s, marks=pytest.mark.slow) for s in (0, 1, 2)])
 def test_parity_with_the_notebooks_loop_on_1000_synthetic_samples_at_batch_32(batchlab, tmp_path, seed):
     x, y = ToyRegressionData(n_samples=1000, noise=1.0).full_data()
     net, losses, _ = notebook.train(x, y, batch_size=32, epochs=50, seed=seed)

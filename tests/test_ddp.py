@@ -122,6 +122,8 @@ def _ok(proc):
     return proc
 
 
+# slow: the default suite must stay under 5 minutes on 2 cores; the others cover this path there too.
+@pytest.mark.slow
 def test_a_study_under_ddp_trains_global_batches_and_estimates_the_noise_as_one_device_does(batchlab, tmp_path):
     """(That a rerun under DDP repeats nothing is tested with the interrupted study, below.)"""
     args = [*STUDY_TINY, "--grid", "[8, 64]", "--lr_factors", "[1]"]
@@ -244,6 +246,8 @@ def test_a_schedule_under_ddp_grows_every_ranks_batch_and_lr_at_its_steps_and_th
     assert summary["noise_scale"]["step"] == 59 and summary["noise_scale"]["b_simple"] == rank["readings"][-1][1]
 
 
+# slow: the default suite must stay under 5 minutes on 2 cores; the others cover this path there too.
+@pytest.mark.slow
 def test_the_noise_scale_grows_every_ranks_batch_at_the_same_step_on_a_dataloader(tmp_path):
     """``probes.NoisyLinear`` holds B_simple near 5 + 4 x 10^2 = 405 (LR 0): from 16 global the batch doubles to 32
     and 64 (max_batch_size), each decided on rank 0 once 10 readings at the size pass 2 x the batch. Its data is a
@@ -267,7 +271,8 @@ def test_the_noise_scale_grows_every_ranks_batch_at_the_same_step_on_a_dataloade
     assert all(r[2] == "per_example" for r in rank["readings"]) and len(rank["readings"]) == 75
 
 
-@pytest.mark.parametrize("model, estimator", [("Classifier", "ranks"), ("NormedClassifier", "auto")])
+@pytest.mark.parametrize("model, estimator", [pytest.param("Classifier", "ranks", marks=pytest.mark.slow),
+                                              pytest.param("NormedClassifier", "auto", marks=pytest.mark.slow)])
 def test_the_ranks_estimator_measures_through_ddps_all_reduce_alike_on_every_rank(tmp_path, model, estimator):
     """``estimator=ranks``: each rank's gradient read by a DDP communication hook before the all-reduce; ``auto``
     takes it where torch.func cannot vmap the model (batch norm). With a step schedule on a plain DataLoader and

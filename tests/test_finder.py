@@ -136,6 +136,8 @@ CHATTER = ("`Trainer.fit` stopped: `max_steps=3` reached", "Restoring states fro
            "weights_only", ".scale_batch_size_")
 
 
+# slow: the default suite must stay under 5 minutes on 2 cores; the others cover this path there too.
+@pytest.mark.slow
 def test_the_chatter_between_trials_is_hidden_unless_verbose(tmp_path):
     # Subprocesses: under pytest, Lightning's loggers write to pytest's handlers, not to the terminal.
     find = str(CONFIGS / "find_batch_size.yaml")

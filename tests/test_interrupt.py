@@ -67,7 +67,8 @@ def _interrupt_a_fit(tmp_path, signum, *args, group=False):
     return proc.returncode, out, err
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+                         ids=["SIGINT", "SIGTERM"])
 def test_a_signal_stops_a_fit_cleanly_and_its_checkpoint_resumes_to_the_end(batchlab, tmp_path, signum):
     code, out, err = _interrupt_a_fit(tmp_path, signum)
     name = signal.Signals(signum).name

@@ -115,6 +115,8 @@ def test_a_tiny_study_writes_every_output(batchlab, tmp_path, steady_steps):
     assert scalars(run)["zz_hparams/steps_to_target"][-1][1] == float(some["steps"])
 
 
+# slow: the default suite must stay under 5 minutes on 2 cores; the others cover this path there too.
+@pytest.mark.slow
 def test_rerunning_a_finished_study_repeats_no_measurement(batchlab, tmp_path, steady_steps, monkeypatch):
     assert batchlab(*TINY).code == 0
     summary = (tmp_path / "study" / "summary.json").read_text()
@@ -399,7 +401,8 @@ def test_the_best_lr_among_equal_step_counts_is_the_one_tried_first_not_the_fast
 
 
 @pytest.mark.parametrize(
-    "signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)], ids=["SIGINT", "SIGTERM"]
+    "signum", [pytest.param(signal.SIGINT, marks=pytest.mark.slow), pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+    ids=["SIGINT", "SIGTERM"],
 )
 def test_a_real_signal_stops_a_study_cleanly_and_a_rerun_repeats_no_trial(batchlab, tmp_path, signum):
     """Sent to ``batchlab study`` running as a subprocess once three trials are written."""

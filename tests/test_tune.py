@@ -131,7 +131,7 @@ class RunsOutOfMemory(MLPRegressor):
         return super().training_step(batch, batch_idx)
 
 
-@pytest.mark.parametrize(("mode", "found"), [("power", 64), ("binsearch", 100)])
+@pytest.mark.parametrize(("mode", "found"), [("power", 64), pytest.param("binsearch", 100, marks=pytest.mark.slow)])
 def test_an_out_of_memory_error_ends_the_search_and_is_named(tmp_path, mode, found):
     finder = BatchSizeSearch(mode=mode, margin=0.0)
     result = run_tune(plain_trainer(tmp_path), RunsOutOfMemory(), ToyRegressionData(n_samples=4096), finder)
@@ -192,6 +192,8 @@ def test_fit_with_the_finder_trains_with_the_size_found_and_reports_both_sizes(b
     assert params["batch_size"] == 256 and params["batch_size_initial"] == 2
 
 
+# slow: the default suite must stay under 5 minutes on 2 cores; the others cover this path there too.
+@pytest.mark.slow
 def test_a_search_changes_nothing_but_the_batch_size_and_repeats_exactly(batchlab, tmp_path):
     # Capped below the data so that the fit shuffles: each epoch's order is drawn from the global random state,
     # which the search's own trials draw from too.
