@@ -255,6 +255,8 @@ def _sections(text: str) -> dict[str, list[str]]:
     return out
 
 
+# slow: the default suite must stay under 5 minutes on 2 cores; the others cover this path there too.
+@pytest.mark.slow
 def test_bad_input_prints_its_error_line_alone_and_a_run_that_starts_shows_lightnings_start_up_lines(tmp_path):
     runs = [
         # Checked once the Trainer is built, after Lightning has said which devices it found and warned about the

@@ -54,6 +54,8 @@ def _distributed_sampler_order(seed, epoch, rank) -> list[int]:
     return list(sampler)
 
 
+# slow: the default suite must stay under 5 minutes on 2 cores; the others cover this path there too.
+@pytest.mark.slow
 def test_ddp_ranks_see_disjoint_shards_that_cover_the_data_reshuffled_per_epoch_and_report_once(tmp_path):
     proc, seen = _ddp_fit(tmp_path, 0, "--trainer.accumulate_grad_batches", "2")
     for epoch in range(EPOCHS):

@@ -27,6 +27,8 @@ def _tune(batchlab, tmp_path, *args):
     return json.loads((log_dir / "tune.json").read_text()), result.out
 
 
+# slow: the default suite must stay under 5 minutes on 2 cores; the others cover this path there too.
+@pytest.mark.slow
 def test_power_search_on_a_cpu_stops_at_the_dataset_and_says_memory_did_not_limit_it(batchlab, tmp_path):
     tune, out = _tune(batchlab, tmp_path, *N1000)
     assert tune["mode"] == "power" and tune["stopped_because"] == "dataset_size"
@@ -39,6 +41,8 @@ def test_power_search_on_a_cpu_stops_at_the_dataset_and_says_memory_did_not_limi
     assert "batchlab study" in out
 
 
+# slow: the default suite must stay under 5 minutes on 2 cores; the others cover this path there too.
+@pytest.mark.slow
 def test_binsearch_applies_the_margin(batchlab, tmp_path):
     tune, out = _tune(batchlab, tmp_path, *N1000, "--mode", "binsearch", "--margin", "0.1")
     assert tune["mode"] == "binsearch" and tune["before_margin"] == 1024
@@ -47,6 +51,8 @@ def test_binsearch_applies_the_margin(batchlab, tmp_path):
     assert "batch size found   921 (--mode binsearch, starting at 2)" in out
 
 
+# slow: the default suite must stay under 5 minutes on 2 cores; the others cover this path there too.
+@pytest.mark.slow
 def test_tune_logs_the_size_found_to_tensorboards_hparams_against_what_the_search_measured(batchlab, tmp_path):
     tune, _ = _tune(batchlab, tmp_path, *N1000, "--mode", "binsearch", "--margin", "0.1")
     log_dir = run_dirs(tmp_path)[-1]
