@@ -130,10 +130,10 @@ def table(runs: list[Run]) -> str:
             case = CASES[name]()
             label = {"small": f"fixed B={case.small}", "large": f"fixed B={case.large}",
                      "warmup": f"warmup {case.small}..{case.large}"}[kind]
-            grew = "; ".join(", ".join(f"{s}: {b}" for s, b in r.changes) or "never" for r in rs) if kind == "warmup" else ""
-            lines.append(f"{name:<8}{label:<24}{sum(r.reached for r in rs)}/{len(rs):<7}"
-                         f"{statistics.median(r.steps for r in rs):>8.0f}{statistics.median(r.samples for r in rs):>11,.0f}"
-                         f"{statistics.median(r.wall_s for r in rs):>9.2f}  {grew}")
+            grew = "; ".join(", ".join(f"{s}: {b}" for s, b in r.changes) or "never" for r in rs)
+            steps, samples = statistics.median(r.steps for r in rs), statistics.median(r.samples for r in rs)
+            lines.append(f"{name:<8}{label:<24}{sum(r.reached for r in rs)}/{len(rs):<7}{steps:>8.0f}{samples:>11,.0f}"
+                         f"{statistics.median(r.wall_s for r in rs):>9.2f}  {grew if kind == 'warmup' else ''}")
     return "\n".join(lines)
 
 

@@ -344,6 +344,12 @@ def optimal_batch_size(b_noise: float, throughput: ThroughputFit) -> float:
     return math.sqrt(b_noise * throughput.alpha / throughput.beta)
 
 
+def lr_factor(rule: str, ratio: float) -> float:
+    """How much the LR moves when the batch grows by ``ratio``, by the rule the study and the warmup share:
+    ``linear`` (x ratio, SGD's), ``sqrt`` (x sqrt(ratio), Adam's) or ``none``."""
+    return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
+
+
 def nearest_in_grid(value: float, grid: Sequence[int]) -> int:
     """The grid's batch size closest to ``value`` in log scale (its ends for values beyond them)."""
     if math.isnan(value):

@@ -225,10 +225,11 @@ class NoiseScaleMonitor(Callback):
                 except ConfigError:
                     raise
                 except Exception as err:  # noqa: BLE001 - any model torch.func cannot vmap takes the next estimator
+                    why = scaling.why_not_per_example(err)
                     if self.estimator == "per_example":
-                        raise ConfigError(f"NoiseScaleMonitor estimator=per_example: {scaling.why_not_per_example(err)}; use estimator "
+                        raise ConfigError(f"NoiseScaleMonitor estimator=per_example: {why}; use estimator "
                                           "auto") from None
-                    self.method_reason = scaling.why_not_per_example(err)
+                    self.method_reason = why
             else:
                 self.method_reason = "per-example gradients need batches that are tuples of tensors"
         if self._ranks is not None and self.estimator in ("auto", "ranks"):

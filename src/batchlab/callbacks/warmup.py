@@ -4,15 +4,15 @@
     Trainer(callbacks=[NoiseScaleMonitor(), BatchSizeWarmup(factor=2, max_batch_size=4096)])
 
 The fit starts at its configured batch size. Whenever the monitored noise scale (the critical batch's estimate:
-``NoiseScaleMonitor.b_simple_since`` the last change, over at least ``min_readings`` measurements, with its
-|G|^2 one standard error higher so that noise alone rarely grows it) passes ``factor`` x the global batch, or at the steps or samples of a ``schedule``,
-the batch is multiplied by ``factor``, up to ``max_batch_size``, and the learning rate by the rule's factor
-(``sqrt`` for Adam-family optimizers, ``linear`` for others, as Merrill et al. 2025, "Critical Batch Size
-Revisited", do for OLMo; the study's rules). The batch grows from the first batch the loader has not yet cut
-(``batchlab.batching``), and the LR moves when that batch trains, so the two always change at the same step, on
-every rank. The batch size the datamodule (or module) holds follows it.
+``NoiseScaleMonitor.b_simple_since`` the last change, over at least ``min_readings`` measurements, with its |G|^2
+one standard error higher so that noise alone rarely grows it) passes ``factor`` x the global batch, or at the
+steps or samples of a ``schedule``, the batch is multiplied by ``factor``, up to ``max_batch_size``, and the
+learning rate by the rule's factor (``sqrt`` for Adam-family optimizers, ``linear`` for others, as Merrill et al.
+2025, "Critical Batch Size Revisited", do for OLMo; the study's rules). The batch grows from the first batch the
+loader has not yet cut (``batchlab.batching``), and the LR moves when that batch trains, so the two always change
+at the same step, on every rank. The batch size the datamodule (or module) holds follows it.
 
-The state (the sizes by batch, the changes made, the LR factor) is in the checkpoint: a resumed fit goes on with
+The state (the sizes by batch and the changes made) is in the checkpoint: a resumed fit goes on with
 the batch size and schedule where they were (the LR is in the optimizer's own state). Each change is logged as
 ``train/batch_size`` and ``train/lr`` and is a ``BatchSizeChange`` in ``changes``, which ``summary.json`` keeps as
 ``batch_size_schedule``.
@@ -27,6 +27,7 @@ from typing import Any, Literal, Optional
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr, lightning_setattr
 
+from batchlab import scaling
 from batchlab.batching import BatchSizes, resizable
 from batchlab.callbacks.noise_monitor import NoiseScaleMonitor
 from batchlab.errors import ConfigError, PositiveInt, check, check_arguments
@@ -88,7 +89,7 @@ class BatchSizeWarmup(Callback):
             return resizable(original(), self._sizes_for)
 
         source.train_dataloader = train_dataloader  # this instance only; put back at teardown
-        self.sizes, self.changes, self._lr_scale = None, [], 1.0
+        self.sizes, self.changes = None, []
         # A batch-size finder runs its trials in on_fit_start, before this callback's (Lightning puts it first):
         # the warmup starts with the fit's own training, at the size the finder leaves.
         self._started = False
@@ -130,7 +131,6 @@ class BatchSizeWarmup(Callback):
         self._logged_at = -1
         if self._restored is not None:
             self.changes = [BatchSizeChange(**c) for c in self._restored.get("changes", [])]
-            self._lr_scale = self._restored.get("lr_scale", 1.0)
             self._reasons = {int(k): v for k, v in self._restored.get("reasons", {}).items()}
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -239,7 +239,7 @@ class BatchSizeWarmup(Callback):
 
     def _apply(self, trainer: Trainer, pl_module: LightningModule, size: int, reason: str) -> None:
         ratio = size / self.sizes.at(self.sizes.trained - 1) if self.sizes.trained else 1.0
-        scale = {"sqrt": math.sqrt(ratio), "linear": ratio, "none": 1.0}[self._rule]
+        scale = scaling.lr_factor(self._rule, ratio)
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] *= scale
@@ -248,7 +248,6 @@ class BatchSizeWarmup(Callback):
         for config in trainer.lr_scheduler_configs:
             if hasattr(config.scheduler, "base_lrs"):
                 config.scheduler.base_lrs = [lr * scale for lr in config.scheduler.base_lrs]
-        self._lr_scale *= scale
         if lightning_hasattr(pl_module, "batch_size"):
             lightning_setattr(pl_module, "batch_size", size)
         self.changes.append(BatchSizeChange(trainer.global_step, self._samples(trainer), size * trainer.world_size,
@@ -268,7 +267,7 @@ class BatchSizeWarmup(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"sizes": self.sizes.state_dict() if self.sizes else None,
-                "changes": [asdict(c) for c in self.changes], "lr_scale": getattr(self, "_lr_scale", 1.0),
+                "changes": [asdict(c) for c in self.changes],
                 "reasons": dict(getattr(self, "_reasons", {}))}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -104,7 +104,7 @@ class Study:
     def centre_lr(self, batch_size: int) -> float:
         """The centre of the LR grid at ``batch_size``, by the scaling rule."""
         ratio = batch_size / self.base_batch_size
-        return self.base_lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.settings.lr_rule]
+        return self.base_lr * scaling.lr_factor(self.settings.lr_rule, ratio)
 
     def run(self) -> StudyResult:
         """Measure what the folder does not hold yet, recommend, and write the report (rank 0)."""
