@@ -74,6 +74,11 @@ class BatchSizes:
         self.changes = [c for c in self.changes if c[0] < first] + [(first, size)]
         return first
 
+    def rows_trained(self) -> int:
+        """Rows in the batches trained so far (on this device)."""
+        ends = [first for first, _ in self.changes[1:]] + [self.trained]
+        return sum(max(0, min(end, self.trained) - first) * size for (first, size), end in zip(self.changes, ends))
+
     def state_dict(self) -> dict[str, Any]:
         return {"changes": [list(c) for c in self.changes], "trained": self.trained}
 

@@ -229,14 +229,6 @@ class BatchSizeWarmup(Callback):
         return b_simple is not None and math.isfinite(b_simple) and (
             b_simple > self.factor * self.sizes.latest * trainer.world_size)
 
-    def _samples(self, trainer: Trainer) -> int:
-        """Samples trained so far, all ranks."""
-        sizes, total = self.sizes, 0
-        ends = [first for first, _ in sizes.changes[1:]] + [sizes.trained]
-        for (first, size), end in zip(sizes.changes, ends):
-            total += max(0, min(end, sizes.trained) - first) * size
-        return total * trainer.world_size
-
     def _apply(self, trainer: Trainer, pl_module: LightningModule, size: int, reason: str) -> None:
         ratio = size / self.sizes.at(self.sizes.trained - 1) if self.sizes.trained else 1.0
         scale = scaling.lr_factor(self._rule, ratio)
@@ -250,7 +242,8 @@ class BatchSizeWarmup(Callback):
                 config.scheduler.base_lrs = [lr * scale for lr in config.scheduler.base_lrs]
         if lightning_hasattr(pl_module, "batch_size"):
             lightning_setattr(pl_module, "batch_size", size)
-        self.changes.append(BatchSizeChange(trainer.global_step, self._samples(trainer), size * trainer.world_size,
+        world = trainer.world_size
+        self.changes.append(BatchSizeChange(trainer.global_step, self.sizes.rows_trained() * world, size * world,
                                             _lr(trainer), reason))
         self._log(trainer)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from batchlab.study.band import span
 from batchlab.study.plots import decides, fmt
 from batchlab.study.results import BatchSizeResult, StudyResult
 
@@ -38,7 +39,7 @@ def times(x: Optional[float]) -> str:
 
 def band_text(band: list[int]) -> str:
     """The band as a range of the grid: [64..256], or [256] alone."""
-    return f"[{band[0]}..{band[-1]}]" if len(band) > 1 else f"[{band[0]}]"
+    return f"[{span(band)}]"
 
 
 def answer(result: StudyResult) -> list[str]:

@@ -126,6 +126,11 @@ def band(grid: list[int], log_t: dict[int, float], se: dict[int, float], best: i
     return sorted(inside)
 
 
+def span(band_: list[int]) -> str:
+    """The band as a range of the grid: 64..256, or 256 alone."""
+    return f"{band_[0]}..{band_[-1]}" if len(band_) > 1 else str(band_[0])
+
+
 def middle(band_: list[int], log_t: dict[int, float]) -> int:
     """The band's geometric middle: of its batch sizes, the one nearest sqrt(smallest x largest) in log B, the
     faster of two equally near. Every B of the band is as fast as the best within the noise, so which is fastest

@@ -111,7 +111,7 @@ def _recommend_from_searches(result: StudyResult, throughput: list[Throughput], 
     chosen = per_b[band.middle(result.within_10_percent, log_t)]
     result.recommended_batch_size, result.recommended_lr = chosen.batch_size, chosen.lr
     result.recommended_by = (
-        f"the middle of the band (B={_span(result.within_10_percent)}), whose every B reaches the target within 10% "
+        f"the middle of the band (B={band.span(result.within_10_percent)}), whose every B reaches the target within 10% "
         f"of the least estimated time to target (B={b0}) within the noise: the point least likely to leave the band "
         f"when measured again; time S(B) x t(B), steps the geometric mean over {len(result.seeds)} seed(s), made "
         "non-increasing in B")
@@ -178,6 +178,3 @@ def _cost(study: Study, result: StudyResult, noise: NoiseScale) -> StudyCost:
         cost.wall_x = cost.wall_s / rec.time_to_target_s
     return cost
 
-
-def _span(batch_sizes: list[int]) -> str:
-    return f"{batch_sizes[0]}..{batch_sizes[-1]}" if len(batch_sizes) > 1 else str(batch_sizes[0])
