@@ -40,8 +40,8 @@ class TrainTime(Callback):
 
 def train_seconds(steps: int, every: Optional[int]) -> float:
     seed_everything(0, verbose=False)
-    model = MLPRegressor(hidden_sizes=[8], lr=0.001, momentum=0.9)
-    data = ToyRegressionData(n_samples=36864, noise=1.0, clean_eval=True, x_range=[0.0, 10.0], val_fraction=0.111111,
+    model = MLPRegressor(hidden_sizes=[8], lr=0.004, momentum=0.9)
+    data = ToyRegressionData(n_samples=36864, noise=1.0, clean_eval=True, x_range=[-5.0, 5.0], val_fraction=0.111111,
                              batch_size=32)
     timer = TrainTime()
     callbacks: list[Callback] = [timer] + ([NoiseScaleMonitor(every_n_steps=every)] if every else [])
