@@ -185,15 +185,21 @@ def _sessions(root):
 def test_tensorboard_shows_the_curves_first_and_one_hparams_session_per_trial(tmp_path):
     result = _result(tmp_path)
     write_report(result)
-    tb = tmp_path / "tensorboard"
+    tb, every = tmp_path / "tensorboard", tmp_path / "tensorboard_trials"
     curve = scalars(tb / "bs0000128")
     trial = next(t for t in result.trials if (t.batch_size, t.lr, t.seed) == (128, REC_LR, 0))
     assert curve["val/loss"] == [(p.step, pytest.approx(p.value)) for p in trial.curve]
     assert [s for s, _ in curve["val/loss_vs_samples"]] == [p.samples for p in trial.curve]
-    assert sorted(p.name for p in tb.iterdir()) == ["bs0000008", "bs0000032", "bs0000128", "bs0000512", "trials"]
-    assert "val/loss" not in scalars(tb / "trials/bs0000002/lr0.001_seed0")
+    # The curves' folder holds one run per batch size that reached the target (TensorBoard selects none of a
+    # folder's runs by default beyond 40), each its chosen trial's session; every trial is in the other folder.
+    assert sorted(p.name for p in tb.iterdir()) == ["bs0000008", "bs0000032", "bs0000128", "bs0000512"]
+    assert "val/loss" not in scalars(every / "bs0000002/lr0.001_seed0")
+    chosen = _sessions(tb)
+    assert sorted((p["batch_size"], p["lr"], p["seed"], p["chosen"]) for p in chosen.values()) == sorted(
+        (t.batch_size, t.lr, t.seed, True) for t in plots.best_trials(result))
+    assert [p["recommended"] for p in chosen.values()].count(True) == 1
 
-    sessions = _sessions(tb)
+    sessions = _sessions(every)
     assert len(sessions) == len(result.trials)
     assert sorted((p["batch_size"], p["lr"], p["seed"]) for p in sessions.values()) == sorted(
         (t.batch_size, t.lr, t.seed) for t in result.trials)
@@ -206,28 +212,30 @@ def test_tensorboard_shows_the_curves_first_and_one_hparams_session_per_trial(tm
     failed = next(run for run, p in sessions.items() if p["batch_size"] == 512 and p["status"] == "budget")
     assert "zz_hparams/steps_to_target" not in scalars(failed) and "zz_hparams/steps_run" in scalars(failed)
 
-    # One experiment names every column; every scalar sorts after the curves in TensorBoard's card order.
-    experiments, tags = [], set()
-    for run in {e.parent for e in tb.rglob("events.out.tfevents.*")}:
-        acc = EventAccumulator(str(run), size_guidance={"tensors": 0})
-        acc.Reload()
-        if "_hparams_/experiment" in acc.Tags()["tensors"]:
-            experiments.append(run)
-        tags |= set(acc.Tags()["scalars"])
-    assert len(experiments) == 1
-    _, metric_tags = hparams_plugin(experiments[0])
-    assert metric_tags == [f"zz_hparams/{m}" for m in ("steps_to_target", "time_to_target_s", "regret",
-                                                      "best_value", "steps_run")]
-    assert {t.split("/")[0] for t in tags} == {"val", "zz_hparams"}
-    assert all(t.startswith("val/loss") or t.split("/")[0] > "val" for t in tags)
+    # One experiment per folder names every column; every scalar sorts after the curves in TensorBoard's card order.
+    for folder in (tb, every):
+        experiments, tags = [], set()
+        for run in {e.parent for e in folder.rglob("events.out.tfevents.*")}:
+            acc = EventAccumulator(str(run), size_guidance={"tensors": 0})
+            acc.Reload()
+            if "_hparams_/experiment" in acc.Tags()["tensors"]:
+                experiments.append(run)
+            tags |= set(acc.Tags()["scalars"])
+        assert len(experiments) == 1, folder
+        _, metric_tags = hparams_plugin(experiments[0])
+        assert metric_tags == [f"zz_hparams/{m}" for m in ("steps_to_target", "time_to_target_s", "regret",
+                                                          "best_value", "steps_run")]
+        assert {t.split("/")[0] for t in tags} == ({"val", "zz_hparams"} if folder == tb else {"zz_hparams"})
+        assert all(t.startswith("val/loss") or t.split("/")[0] > "val" for t in tags)
 
 
 def test_rewriting_the_report_replaces_the_tensorboard_runs(tmp_path):
     write_report(_result(tmp_path))
     write_report(_result(tmp_path, recommended_batch_size=32, recommended_lr=0.003))
-    sessions = _sessions(tmp_path / "tensorboard")
+    sessions = _sessions(tmp_path / "tensorboard_trials")
     assert len(sessions) == len(_result(tmp_path).trials)
     assert {p["batch_size"] for p in sessions.values() if p["recommended"]} == {32}
+    assert {p["batch_size"] for p in _sessions(tmp_path / "tensorboard").values() if p["recommended"]} <= {32}
     assert not list(tmp_path.glob(".tensorboard*"))
 
 

@@ -102,17 +102,17 @@ def test_a_tiny_study_writes_every_output(batchlab, tmp_path, steady_steps):
     assert "| B | best lr |" in report and "![time_to_target.png](time_to_target.png)" in report
     assert "Recommended batch size" in result.out and "studies" not in summary["folder"]
 
-    runs = sorted(p for p in (root / "tensorboard").iterdir() if p.name != "trials")
+    runs = sorted((root / "tensorboard").iterdir())
     reached = [e["batch_size"] for e in summary["batch_sizes"] if e["steps"] is not None]
     assert [r.name for r in runs] == [f"bs{b:07d}" for b in reached]
     tags = scalars(runs[0])
     curve = tags["val/loss_vs_samples"]
     assert [s for s, _ in curve] == sorted(s for s, _ in curve) and curve[-1][1] <= 1.5
     # One HParams session per trial, every LR and seed, holding that trial's own steps to target.
-    sessions = sorted((root / "tensorboard" / "trials").glob("bs*/*"))
+    sessions = sorted((root / "tensorboard_trials").glob("bs*/*"))
     assert len(sessions) == len(rows)
     some = next(r for r in rows if r["status"] == "reached")
-    run = root / "tensorboard" / "trials" / f"bs{int(some['batch_size']):07d}" / \
+    run = root / "tensorboard_trials" / f"bs{int(some['batch_size']):07d}" / \
         f"lr{float(some['lr']):.4g}_seed{some['seed']}"
     assert scalars(run)["zz_hparams/steps_to_target"][-1][1] == float(some["steps"])
 

@@ -1,20 +1,21 @@
-"""A study's TensorBoard runs (``tensorboard --logdir <study>``), under ``tensorboard/``:
+"""A study's TensorBoard runs, in two folders, because TensorBoard selects no run when a folder holds more than
+40 (its MAX_NUM_RUNS_TO_ENABLE_BY_DEFAULT), so a study's hundred trials would open on empty charts:
 
-- ``bs<B>``: the curve of each batch size at its chosen LR, from the study's seed: the monitored metric under its
-  own name against optimizer steps, and ``<monitor>_vs_samples`` against samples seen, so that batch sizes
-  compare at equal data;
-- ``trials/bs<B>/lr<LR>_seed<S>``: one HParams session per trial (every LR and seed at every B), with the
-  hyperparameters batch_size, lr, lr_factor, seed, status, recommended, chosen, bracketed and in_band, and the
-  trial's results as metrics. Under ``trials/`` so that TensorBoard's list of runs, sorted by name, opens with
-  the curves.
+- ``tensorboard/`` (``tensorboard --logdir <study>/tensorboard``, what the study prints first): ``bs<B>``, the
+  curve of each batch size at its chosen LR, from the study's seed: the monitored metric under its own name
+  against optimizer steps, and ``<monitor>_vs_samples`` against samples seen, so that batch sizes compare at equal
+  data. Each is also that trial's HParams session, so the HParams table there has one row per batch size.
+- ``tensorboard_trials/`` (``tensorboard --logdir <study>/tensorboard_trials``): ``bs<B>/lr<LR>_seed<S>``, one
+  HParams session per trial, every LR and seed at every B.
 
-The metrics are scalars (TensorBoard's HParams reads their last value) under ``zz_hparams/``: TensorBoard sorts
-its cards by name, and a single point per trial is not what a user should see first (Lightning's
-``log_hyperparams`` logs them as ``hp/*``, which sorts before ``val/*``). The experiment, which names the columns
-and their values, is written once, in the first session: Lightning's writes one per run, and TensorBoard takes any
-one of them, so a run without some metric would hide that column for every run.
+A session's hyperparameters are batch_size, lr, lr_factor, seed, status, recommended, chosen, bracketed and in_band,
+and the trial's results are its metrics: scalars (TensorBoard's HParams reads their last value) under
+``zz_hparams/``, because TensorBoard sorts its cards by name, and a single point per trial is not what a user should
+see first (Lightning's ``log_hyperparams`` logs them as ``hp/*``, which sorts before ``val/*``). The experiment,
+which names the columns and their values, is written once per folder, in its first session: Lightning's writes one
+per run, and TensorBoard takes any one of them, so a run without some metric would hide that column for every run.
 
-The whole folder is rewritten when the study completes again (built beside it and swapped in), so that a resumed
+Both folders are rewritten when the study completes again (built beside them and swapped in), so that a resumed
 study's runs match its answer.
 """
 
@@ -29,6 +30,7 @@ from batchlab.study.plots import best_trials
 from batchlab.study.results import StudyResult, Trial
 
 GROUP = "zz_hparams"
+CURVES, TRIALS = "tensorboard", "tensorboard_trials"  # the two folders under the study's
 
 
 def _metrics(result: StudyResult) -> list[tuple[str, str]]:
@@ -95,43 +97,53 @@ def _experiment(result: StudyResult) -> Any:
 
 
 def write_tensorboard(result: StudyResult) -> list[Path]:
-    """Write the study's TensorBoard runs; returns the run folders written."""
+    """Write the study's TensorBoard runs (both folders); returns the run folders written."""
     if not result.trials:
         return []
     from torch.utils.tensorboard import SummaryWriter
 
     root = Path(result.folder)
-    final = root / "tensorboard"
-    build = root / f".tensorboard.tmp{os.getpid()}"
-    shutil.rmtree(build, ignore_errors=True)
+    experiment, hp = _experiment(result)
+    builds = {name: root / f".{name}.tmp{os.getpid()}" for name in (CURVES, TRIALS)}
+    for build in builds.values():
+        shutil.rmtree(build, ignore_errors=True)
+        build.mkdir()  # a study where no B reached the target still gets (empty) curves
     runs = []
-    for t in best_trials(result):
-        run = build / f"bs{t.batch_size:07d}"
+    for i, t in enumerate(best_trials(result)):
+        run = builds[CURVES] / f"bs{t.batch_size:07d}"
         with SummaryWriter(str(run)) as w:
             for p in t.curve:
                 if p.value is not None:
                     w.add_scalar(result.monitor, p.value, p.step)
                     w.add_scalar(f"{result.monitor}_vs_samples", p.value, p.samples)
+            _session(w, result, t, f"bs{t.batch_size:07d}", experiment if i == 0 else None, hp)
         runs.append(run)
-    experiment, hp = _experiment(result)
     names: set[Path] = set()
     for i, t in enumerate(sorted(result.trials, key=lambda t: (t.batch_size, t.lr, t.seed))):
         again = ""
-        while (run := build / "trials" / f"bs{t.batch_size:07d}" / f"lr{t.lr:.4g}_seed{t.seed}{again}") in names:
+        while (run := builds[TRIALS] / f"bs{t.batch_size:07d}" / f"lr{t.lr:.4g}_seed{t.seed}{again}") in names:
             again += "_again"  # the same LR and seed twice (a resumed search): keep both
         names.add(run)
         with SummaryWriter(str(run)) as w:
-            if i == 0:
-                w.file_writer.add_summary(experiment)
             # The table's first column, sorted as text and cut short in the browser: B first, padded.
-            trial_id = f"bs{t.batch_size:07d} lr{t.lr:.4g} seed{t.seed}{again}"
-            w.file_writer.add_summary(hp.hparams_pb(hparams_of(result, t), trial_id=trial_id))
-            for tag, value in _values(result, t).items():
-                w.add_scalar(tag, value, 0)
+            _session(w, result, t, f"bs{t.batch_size:07d} lr{t.lr:.4g} seed{t.seed}{again}",
+                     experiment if i == 0 else None, hp)
         runs.append(run)
-    old = root / f".tensorboard.old{os.getpid()}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(build, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return [final / r.relative_to(build) for r in runs]
+    written = []
+    for name, build in builds.items():
+        final, old = root / name, root / f".{name}.old{os.getpid()}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(build, final)
+        shutil.rmtree(old, ignore_errors=True)
+        written += [final / r.relative_to(build) for r in runs if build in r.parents]
+    return written
+
+
+def _session(writer: Any, result: StudyResult, t: Trial, trial_id: str, experiment: Any, hp: Any) -> None:
+    """``t`` as an HParams session in ``writer``'s run (with the folder's experiment, where given)."""
+    if experiment is not None:
+        writer.file_writer.add_summary(experiment)
+    writer.file_writer.add_summary(hp.hparams_pb(hparams_of(result, t), trial_id=trial_id))
+    for tag, value in _values(result, t).items():
+        writer.add_scalar(tag, value, 0)

@@ -141,5 +141,7 @@ def format_study(result: StudyResult) -> str:
             lines.append("  " + " ".join(f"{row[k]:<{w}}" for _, k, w in PRINTED).rstrip())
     lines.append(f"  folder   {result.folder}")
     if not result.quick:
-        lines.append(f"  report   {result.folder}/report.md; tensorboard --logdir {result.folder}")
+        lines.append(f"  report   {result.folder}/report.md")
+        lines.append(f"  curves   tensorboard --logdir {result.folder}/tensorboard")
+        lines.append(f"  trials   tensorboard --logdir {result.folder}/tensorboard_trials   (every trial, HParams)")
     return "\n".join(lines)
