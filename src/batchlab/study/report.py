@@ -6,7 +6,8 @@
 - ``summary.json``: the recommendation and every fitted quantity (the ``StudyResult`` less its measurements);
 - ``report.md``: the answer, its band and its cost first, then what they rest on (``batchlab.study.answer``),
   the table, and each plot (``batchlab.study.plots``) under the paragraph that reads it;
-- ``tensorboard/``: the curves and one HParams session per trial (``batchlab.study.board``).
+- ``tensorboard/``: the curves, one HParams row per batch size; ``tensorboard_trials/``: one HParams session per
+  trial (``batchlab.study.board``).
 
 A quick study (``--quick``) writes ``quick.json`` and ``quick.md`` instead, so a full study in the same folder
 keeps both. These files are derived from the measurements and rewritten whole (atomically) when the study
