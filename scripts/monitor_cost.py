@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from lightning.pytorch import Callback, Trainer, seed_everything
 
+from batchlab.arguments import default_config
 from batchlab.callbacks import NoiseScaleMonitor
 from batchlab.data import ToyRegressionData
 from batchlab.model import MLPRegressor
@@ -40,9 +41,9 @@ class TrainTime(Callback):
 
 def train_seconds(steps: int, every: Optional[int]) -> float:
     seed_everything(0, verbose=False)
-    model = MLPRegressor(hidden_sizes=[8], lr=0.004, momentum=0.9)
-    data = ToyRegressionData(n_samples=36864, noise=1.0, clean_eval=True, x_range=[-5.0, 5.0], val_fraction=0.111111,
-                             batch_size=32)
+    config = default_config("study")  # configs/study.yaml, as `batchlab study` reads it
+    model = MLPRegressor(**config["model"]["init_args"])
+    data = ToyRegressionData(**config["data"]["init_args"])
     timer = TrainTime()
     callbacks: list[Callback] = [timer] + ([NoiseScaleMonitor(every_n_steps=every)] if every else [])
     with quiet_lightning():

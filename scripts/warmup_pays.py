@@ -51,13 +51,16 @@ class Case:
 
 
 def _toy_case() -> Case:
+    from batchlab.arguments import default_config
     from batchlab.data import ToyRegressionData
     from batchlab.model import MLPRegressor
 
-    return Case(model=lambda lr: MLPRegressor(hidden_sizes=[8], lr=lr, momentum=0.9),
-                data=lambda b: ToyRegressionData(n_samples=36864, noise=1.0, clean_eval=True, x_range=[-5.0, 5.0],
-                                                 val_fraction=0.111111, eval_batch_size=4096, batch_size=b),
-                monitor="val/loss", mode="min", target=0.05, base=(32, 0.004), small=8, large=1024, check_every=5,
+    config = default_config("study")  # configs/study.yaml, as `batchlab study` reads it
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    return Case(model=lambda lr: MLPRegressor(**{**model, "lr": lr}),
+                data=lambda b: ToyRegressionData(**{**data, "batch_size": b}),
+                monitor=config["monitor"], mode="min", target=config["target"], base=(data["batch_size"], model["lr"]),
+                small=8, large=1024, check_every=config["check_every"],
                 # The default study's best LRs (seed 0): B=8 0.002, B=1024 0.0226.
                 lrs={8: 0.002, 1024: 0.0226})
 
